@@ -1,0 +1,3 @@
+from rs_detect.cli import main
+
+main()

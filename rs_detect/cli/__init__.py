@@ -1,0 +1,85 @@
+"""The ``rs-detect`` command group. ``rs-detect SCENE`` is ``rs-detect detect SCENE``.
+
+Exit codes: 0 ok, 1 failure (a one-line ``error:`` message), 2 usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from rs_detect import __version__
+from rs_detect.cli.detect import detect
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a command name, is handed to ``detect``."""
+
+    default_command = "detect"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger("rs_detect")
+    if not any(getattr(h, "_rs_detect", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler._rs_detect = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rs-detect")
+def cli() -> None:
+    """Find planes and ships in huge remote-sensing scenes.
+
+    \b
+    rs-detect SCENE.tif            detect (the default command), write SCENE.geojson
+    rs-detect COMMAND --help       help for one command
+    """
+    _setup_logging()
+
+
+cli.add_command(detect)
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules; each is imported when the group is built."""
+    import importlib
+
+    for module, name in (
+        ("rs_detect.cli.synth", "synth"),
+        ("rs_detect.cli.evaluate", "eval_cmd"),
+        ("rs_detect.cli.models", "inspect"),
+        ("rs_detect.cli.models", "export"),
+        ("rs_detect.cli.models", "build_engine"),
+        ("rs_detect.cli.batch", "batch"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        cli.add_command(getattr(mod, name))
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return cli.main(args=argv, prog_name="rs-detect")

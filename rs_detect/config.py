@@ -1,0 +1,127 @@
+"""One validated configuration. Precedence: model metadata < YAML file < command-line flags.
+
+Unknown keys are refused (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rs_detect.errors import ConfigError
+from rs_detect.io.reader import ScaleConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_MODEL = REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx"
+
+
+def default_model() -> Path:
+    """``$RS_DETECT_MODEL`` if set, else the bundled sample model."""
+    env = os.environ.get("RS_DETECT_MODEL")
+    return Path(env) if env else SAMPLE_MODEL
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None
+    model_meta: str | dict[str, Any] | None = None  # a model YAML path or inline mapping
+    tile_size: int | None = None  # default: the model's input size
+    overlap: int = 192
+    batch_size: int | None = None  # default: the engine's preferred batch
+    conf: float = 0.25
+    conf_by_class: dict[str, float] = field(default_factory=dict)
+    iou: float = 0.5
+    classes: tuple[str, ...] | None = ("plane", "ship")
+    max_det: int = 300
+    bands: tuple[int, ...] | None = None
+    device: Literal["cpu", "cuda"] | str = "cpu"
+    crs: Literal["wgs84", "native"] = "wgs84"
+    scale: ScaleConfig = ScaleConfig()
+    merge_iou: float = 0.5
+    merge_ios: float = 0.6
+    edge_margin: float = 3.0
+    nodata_fill: float = 0.0
+    read_threads: int = 4
+    prefetch: int = 2  # batches read ahead of the engine
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        check(self.overlap >= 0, f"overlap must be >= 0, got {self.overlap}")
+        check(self.tile_size is None or self.tile_size >= 32, f"tile_size must be >= 32, got {self.tile_size}")
+        check(self.tile_size is None or self.overlap < self.tile_size, f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
+        check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("conf", "iou", "merge_iou", "merge_ios"):
+            v = getattr(self, name)
+            check(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v}")
+        for k, v in self.conf_by_class.items():
+            check(0.0 <= float(v) <= 1.0, f"conf_by_class[{k}] must be in [0, 1], got {v}")
+        check(self.max_det >= 1, f"max_det must be >= 1, got {self.max_det}")
+        check(self.crs in ("wgs84", "native"), f"crs must be wgs84 or native, got {self.crs!r}")
+        check(str(self.device) == "cpu" or str(self.device).startswith("cuda"), f"device must be cpu or cuda[:N], got {self.device!r}")
+        check(self.bands is None or all(int(b) >= 1 for b in self.bands), f"bands are 1-based, got {self.bands}")
+        check(self.read_threads >= 1 and self.prefetch >= 1, "read_threads and prefetch must be >= 1")
+
+    def model_path(self) -> Path:
+        return Path(self.model) if self.model else default_model()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale"] = asdict(self.scale)
+        return d
+
+    def updated(self, **overrides: Any) -> Config:
+        """A copy with the given (non-None) overrides applied, e.g. from CLI flags."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_FIELDS = {f.name for f in fields(Config)}
+_SCALE_KEYS = {"method", "low", "high", "percentiles"}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    if key == "scale":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: scale must be a mapping with keys {sorted(_SCALE_KEYS)}")
+        unknown = sorted(set(value) - _SCALE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key 'scale.{unknown[0]}' (allowed: {', '.join(sorted(_SCALE_KEYS))})")
+        method = value.get("method", "auto")
+        if method not in ("auto", "percentile", "fixed"):
+            raise ConfigError(f"{where}: scale.method must be auto, percentile or fixed, got {method!r}")
+        pct = tuple(float(p) for p in value.get("percentiles", (2.0, 98.0)))
+        return ScaleConfig(method=method, low=value.get("low"), high=value.get("high"), percentiles=pct)  # type: ignore[arg-type]
+    if key in ("classes", "bands") and value is not None:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(int(v) for v in value) if key == "bands" else tuple(str(v) for v in value)
+    return value
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Defaults < ``path`` (YAML) < ``overrides`` (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+        unknown = sorted(set(raw) - _FIELDS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown config key {unknown[0]!r}")
+        values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
+    values.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None

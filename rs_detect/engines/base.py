@@ -1,0 +1,67 @@
+"""The Engine interface every backend implements: load once, ``infer(images) -> raw output``.
+
+``infer`` takes any number of images and honours the model's batch bounds itself: it splits a batch
+larger than ``meta.max_batch`` and pads one smaller than ``meta.min_batch`` (a static engine has
+min == max), so callers never see a batch-size error.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+from rs_detect.postprocess.decode import check_output_shape
+from rs_detect.types import ModelMeta
+
+
+class Engine(ABC):
+    """One loaded model on one device."""
+
+    #: short backend name used in logs and output metadata
+    backend: str = "base"
+
+    def __init__(self, meta: ModelMeta, device: torch.device) -> None:
+        self.meta = meta
+        self.device = device
+        self._checked = False
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The dtype ``infer`` wants its images in (float32 unless the model takes float16)."""
+        return np.dtype(np.float32)
+
+    @property
+    def preferred_batch(self) -> int:
+        return max(self.meta.min_batch, min(self.meta.opt_batch, self.meta.max_batch))
+
+    @abstractmethod
+    def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Run exactly one batch within the bounds; returns raw output [B, C, A] as a torch tensor."""
+
+    def infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        n = int(images.shape[0])
+        lo, hi = self.meta.min_batch, self.meta.max_batch
+        if n > hi:
+            return torch.cat([self.infer(images[i : i + hi]) for i in range(0, n, hi)])
+        if n < lo:
+            pad_shape = (lo - n, *images.shape[1:])
+            if isinstance(images, torch.Tensor):
+                images = torch.cat([images, images.new_zeros(pad_shape)])
+            else:
+                images = np.concatenate([images, np.zeros(pad_shape, dtype=images.dtype)])
+        out = self._infer(images)
+        if not self._checked:
+            check_output_shape(tuple(out.shape), self.meta, f"{self.meta.source or self.backend}")
+            self._checked = True
+        return out[:n]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the runtime's resources (sessions, contexts, device buffers)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

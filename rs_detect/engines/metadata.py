@@ -1,0 +1,114 @@
+"""Model metadata: what the model file says about itself, overridden by a model YAML.
+
+Sources, lowest precedence first:
+1. the model file: ONNX custom metadata or an Ultralytics .engine header (names, imgsz, stride, task,
+   batch, channels: Ultralytics writes them as Python literals), or a plan's sidecar JSON;
+2. a model YAML (``<model>.yaml`` beside the model, or ``model_meta`` in the config) with keys
+   ``names``, ``imgsz``, ``channels``, ``task``, ``batch: {min, opt, max}``; the YAML wins.
+What the runtime itself reports (input shape, batch dims) is then checked against the result.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rs_detect import DOTA_CLASSES
+from rs_detect.errors import ConfigError, ModelError
+from rs_detect.types import ModelMeta
+
+YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride"}
+
+
+def _literal(value: Any) -> Any:
+    if isinstance(value, str):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                return parse(value)
+            except (ValueError, SyntaxError):
+                continue
+    return value
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    value = _literal(value)
+    if isinstance(value, Mapping):
+        return tuple(str(value[k]) for k in sorted(value, key=lambda k: int(k)))
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    raise ModelError(f"class names must be a list or an index->name mapping, got {type(value).__name__}")
+
+
+def _imgsz(value: Any) -> int:
+    value = _literal(value)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ModelError(f"only square inputs are supported, got imgsz {list(value)}")
+        value = value[0]
+    return int(value)
+
+
+def from_mapping(raw: Mapping[str, Any], base: ModelMeta | None = None, source: str = "") -> ModelMeta:
+    """Apply the keys Ultralytics (or a model YAML) writes on top of ``base``."""
+    meta = base or ModelMeta(names=DOTA_CLASSES)
+    updates: dict[str, Any] = {}
+    if "names" in raw:
+        updates["names"] = _names(raw["names"])
+    if "imgsz" in raw:
+        updates["imgsz"] = _imgsz(raw["imgsz"])
+    if "channels" in raw:
+        updates["channels"] = int(_literal(raw["channels"]))
+    if "stride" in raw:
+        updates["stride"] = int(_literal(raw["stride"]))
+    if "task" in raw:
+        task = str(raw["task"])
+        if task not in ("detect", "obb"):
+            raise ModelError(f"{source}: task {task!r} is not supported (detect or obb)")
+        updates["task"] = task
+    batch = raw.get("batch")
+    if isinstance(batch, Mapping):
+        lo, opt, hi = int(batch.get("min", 1)), int(batch.get("opt", meta.opt_batch)), int(batch.get("max", meta.max_batch))
+        if not 1 <= lo <= opt <= hi:
+            raise ModelError(f"{source}: batch bounds must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
+        updates.update(min_batch=lo, opt_batch=opt, max_batch=hi)
+    if source:
+        updates["source"] = source
+    return replace(meta, **updates)
+
+
+def load_model_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read model YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a model YAML must be a mapping")
+    unknown = sorted(set(raw) - YAML_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(YAML_KEYS))})")
+    return raw
+
+
+def sidecar_yaml(model: Path) -> Path | None:
+    for cand in (model.with_suffix(".yaml"), model.with_suffix(".yml")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def resolve(model: Path, file_meta: Mapping[str, Any], override: Mapping[str, Any] | Path | None) -> ModelMeta:
+    """File metadata < model YAML (explicit ``override``, else a sidecar YAML)."""
+    meta = from_mapping(file_meta, source=str(model))
+    if override is None:
+        override = sidecar_yaml(model)
+    if isinstance(override, Path):
+        override = load_model_yaml(override)
+    if override:
+        meta = from_mapping(override, meta, source=str(model))
+    return meta

@@ -1,0 +1,91 @@
+"""Scene pixels -> map coordinates: polygons through the affine transform, then a GeoDataFrame.
+
+Pixel coordinates are continuous: x = column, y = row, (0, 0) the upper-left corner of the first pixel,
+so ``transform * (x, y)`` equals ``rasterio.transform.xy(transform, row, col, offset="ul")``. Rotated
+and south-up transforms need nothing special: every corner goes through the full affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from rasterio.crs import CRS
+
+from rs_detect.postprocess.geometry import obb_corners
+from rs_detect.types import Detections
+
+log = logging.getLogger(__name__)
+
+WGS84 = "EPSG:4326"
+
+
+def pixel_corners(dets: Detections) -> np.ndarray:
+    """[K, 4, 2] corners in scene pixels (x = column, y = row)."""
+    if dets.task == "obb":
+        return obb_corners(dets.boxes.detach().cpu().double()).numpy()
+    b = dets.boxes.detach().cpu().double().numpy()
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    return np.stack([np.stack(p, axis=-1) for p in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))], axis=1)
+
+
+def apply_affine(transform: Affine, xy: np.ndarray) -> np.ndarray:
+    """Vectorised ``transform * (x, y)`` over [..., 2]."""
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    x, y = xy[..., 0], xy[..., 1]
+    return np.stack((a * x + b * y + c, d * x + e * y + f), axis=-1)
+
+
+def detections_frame(
+    dets: Detections,
+    names: Sequence[str],
+    transform: Affine | None,
+    crs: CRS | None,
+    scene: str,
+) -> gpd.GeoDataFrame:
+    """A GeoDataFrame in the scene CRS (or pixel coordinates when ``crs`` is None)."""
+    corners = pixel_corners(dets)
+    mapped = corners if crs is None or transform is None else apply_affine(transform, corners)
+    ring = np.concatenate([mapped, mapped[:, :1]], axis=1) if len(mapped) else np.zeros((0, 5, 2))
+    geometry = shapely.polygons(ring) if len(ring) else shapely.points(np.zeros((0, 2)))
+    aabb = dets.aabb().detach().cpu().double().numpy()
+    class_ids = dets.class_ids.cpu().numpy().astype(np.int32)
+    cols: dict[str, object] = {
+        "class_id": class_ids,
+        "class_name": pd.array([names[i] for i in class_ids], dtype="str") if len(class_ids) else pd.array([], dtype="str"),
+        "score": dets.scores.detach().cpu().double().numpy().round(4),
+        "px_x1": aabb[:, 0].round(2),
+        "px_y1": aabb[:, 1].round(2),
+        "px_x2": aabb[:, 2].round(2),
+        "px_y2": aabb[:, 3].round(2),
+    }
+    if dets.task == "obb":
+        b = dets.boxes.detach().cpu().double().numpy()
+        cols.update(px_cx=b[:, 0].round(2), px_cy=b[:, 1].round(2), px_w=b[:, 2].round(2), px_h=b[:, 3].round(2),
+                    angle=np.degrees(b[:, 4]).round(3))
+    cols["scene"] = pd.array([scene] * len(class_ids), dtype="str")
+    frame = pd.DataFrame(cols)
+    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry), crs=None if crs is None else ProjCRS.from_user_input(crs.to_wkt()))
+
+
+def to_output_crs(gdf: gpd.GeoDataFrame, mode: Literal["wgs84", "native"], where: str) -> gpd.GeoDataFrame:
+    """Reproject to WGS84 lon/lat (always_xy) unless ``native``; a CRS with no path to WGS84 stays native."""
+    if mode == "native" or gdf.crs is None:
+        return gdf
+    try:
+        if gdf.crs.equals(ProjCRS.from_epsg(4326)):
+            return gdf
+        out = gdf.to_crs(WGS84)
+        if len(out) and not np.isfinite(out.total_bounds).all():
+            raise ValueError("non-finite coordinates")
+        return out
+    except Exception as exc:  # pyproj raises several types for CRSs on other bodies or without datum
+        log.warning("%s: cannot express this CRS in WGS84 (%s): keeping the scene CRS", where, " ".join(str(exc).split())[:120])
+        return gdf

@@ -1,0 +1,298 @@
+"""RasterSource: owns the open scene, maps its bands to the model's channels, scales pixels to [0, 1].
+
+Band mapping rule (documented in the README):
+
+* ``--bands`` given: those bands (1-based). As many as the model has channels are used directly; one band
+  for a 3-channel model is replicated; three bands for a 1-channel model are combined as luminance
+  (0.299 R + 0.587 G + 0.114 B, in the order given).
+* not given, 1-channel model: a paletted band is expanded through its colour table to luminance; a
+  scene whose colour interpretation names red, green and blue is combined as luminance of those bands
+  (whatever their order in the file); otherwise band 1 (with a warning when the scene has more).
+* not given, 3-channel model: red, green, blue by colour interpretation, else bands 1-3; a 1-band
+  scene is replicated.
+* alpha bands are never data: they (and nodata values, NaN, internal or sidecar masks) become the mask.
+
+Scaling: uint8 divides by 255. Other types use one scene-wide percentile stretch (2-98 % by default)
+measured on a decimated read (overviews when present, else a grid of sample windows), so every tile
+sees the same scaling; ``scale: {method: fixed, low, high}`` sets it by hand. Nodata pixels are
+filled with a constant after scaling.
+
+Reads are windowed and thread safe: each thread gets its own dataset handle (rasterio handles must
+not be shared across threads, and GDAL releases the GIL while decoding).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from rs_detect.errors import InputError
+from rs_detect.types import ScaleInfo, Tile
+
+log = logging.getLogger(__name__)
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+Combine = Literal["direct", "luminance", "replicate", "palette"]
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How to scale: ``auto`` (uint8: /255, else percentile), ``percentile`` or ``fixed``."""
+
+    method: Literal["auto", "percentile", "fixed"] = "auto"
+    low: float | None = None
+    high: float | None = None
+    percentiles: tuple[float, float] = (2.0, 98.0)
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    indexes: tuple[int, ...]
+    combine: Combine
+    channels: int
+    note: str = ""
+
+
+def plan_bands(
+    count: int,
+    colorinterp: tuple[ColorInterp, ...],
+    channels: int,
+    bands: tuple[int, ...] | None,
+    name: str,
+) -> BandPlan:
+    """Which raster bands feed which model channels (see the module docstring for the rule)."""
+    if bands:
+        bad = [b for b in bands if not 1 <= b <= count]
+        if bad:
+            raise InputError(f"{name}: band {bad[0]} out of range (the scene has {count} band{'s' if count != 1 else ''})")
+        if len(bands) == channels:
+            combine: Combine = "palette" if channels == 1 and colorinterp[bands[0] - 1] == ColorInterp.palette else "direct"
+            return BandPlan(tuple(bands), combine, channels)
+        if len(bands) == 1 and channels == 3:
+            return BandPlan(tuple(bands), "replicate", channels)
+        if len(bands) == 3 and channels == 1:
+            return BandPlan(tuple(bands), "luminance", channels, "luminance of the given bands")
+        raise InputError(f"{name}: --bands gives {len(bands)} band(s) but the model takes {channels} channel(s)")
+
+    data = [i + 1 for i in range(count) if colorinterp[i] != ColorInterp.alpha] or [1]
+    rgb_ci = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+    rgb = tuple(colorinterp.index(ci) + 1 for ci in rgb_ci) if all(ci in colorinterp for ci in rgb_ci) else None
+    if channels == 1:
+        if colorinterp[data[0] - 1] == ColorInterp.palette:
+            return BandPlan((data[0],), "palette", 1, "palette expanded to luminance")
+        if rgb is not None:
+            return BandPlan(rgb, "luminance", 1, "luminance of the red, green and blue bands")
+        if len(data) > 1:
+            log.warning("%s: %d bands and a 1-channel model: using band %d (choose another with --bands)", name, len(data), data[0])
+        return BandPlan((data[0],), "direct", 1)
+    if channels == 3:
+        if rgb is not None:
+            return BandPlan(rgb, "direct", 3)
+        if len(data) >= 3:
+            return BandPlan(tuple(data[:3]), "direct", 3)
+        return BandPlan((data[0],), "replicate", 3, "one band replicated to 3 channels")
+    if len(data) < channels:
+        raise InputError(f"{name}: the model takes {channels} channels but the scene has {len(data)} data band(s)")
+    return BandPlan(tuple(data[:channels]), "direct", channels)
+
+
+class RasterSource:
+    """An open scene: georeferencing, band plan, scene-wide scaling, and thread-safe windowed reads."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        channels: int = 1,
+        bands: tuple[int, ...] | None = None,
+        scale: ScaleConfig = ScaleConfig(),
+        fill_value: float = 0.0,
+    ) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, not a raster")
+        self._local = threading.local()
+        self._handles: list[rasterio.DatasetReader] = []
+        self._lock = threading.Lock()
+        ds = self._dataset()
+        self.width: int = ds.width
+        self.height: int = ds.height
+        self.count: int = ds.count
+        self.dtype = np.dtype(ds.dtypes[0])
+        self.block_shapes = ds.block_shapes
+        self.is_tiled = bool(ds.profile.get("tiled", False)) or (ds.block_shapes[0][0] > 1 and ds.block_shapes[0][1] < ds.width)
+        self.overviews = ds.overviews(1)
+        self.crs, self.transform, self.georef = self._georeferencing(ds)
+        self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path))
+        self.channels = channels
+        self.fill_value = float(fill_value)
+        self.nodata = ds.nodata
+        flags = [ds.mask_flag_enums[i - 1] for i in self.plan.indexes]
+        self.has_mask = any(f != [MaskFlags.all_valid] for f in flags) or self.dtype.kind == "f"
+        self._lut = self._palette_lut(ds) if self.plan.combine == "palette" else None
+        self.scale = self._scale_info(ds, scale)
+
+    # -- dataset handles ---------------------------------------------------------------------------
+
+    def _dataset(self) -> rasterio.DatasetReader:
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            try:
+                ds = rasterio.open(self.path)
+            except RasterioIOError as exc:
+                raise InputError(f"{self.path}: not a readable raster ({_one_line(exc)})") from None
+            except RasterioError as exc:
+                raise InputError(f"{self.path}: cannot open ({_one_line(exc)})") from None
+            self._local.ds = ds
+            with self._lock:
+                self._handles.append(ds)
+        return ds
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._handles:
+                ds.close()
+            self._handles.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> RasterSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- georeferencing ----------------------------------------------------------------------------
+
+    def _georeferencing(self, ds: rasterio.DatasetReader) -> tuple[CRS | None, Affine, str]:
+        gcps, gcp_crs = ds.gcps
+        if ds.transform.is_identity and gcps:
+            from rasterio.transform import from_gcps
+
+            log.warning("%s: georeferenced by %d GCPs only: using their least-squares affine fit", self.name, len(gcps))
+            return gcp_crs, from_gcps(gcps), "gcps"
+        if ds.crs is None:
+            log.warning("%s: no CRS in the file: detections are written in pixel coordinates (x = column, y = row)", self.name)
+            return None, ds.transform, "none"
+        return ds.crs, ds.transform, "transform"
+
+    # -- scaling -----------------------------------------------------------------------------------
+
+    def _palette_lut(self, ds: rasterio.DatasetReader) -> np.ndarray:
+        cmap = ds.colormap(self.plan.indexes[0])
+        lut = np.zeros(max(256, max(cmap) + 1), dtype=np.float32)
+        for k, (r, g, b, *_rest) in cmap.items():
+            lut[k] = 0.299 * r + 0.587 * g + 0.114 * b
+        return lut
+
+    def _scale_info(self, ds: rasterio.DatasetReader, cfg: ScaleConfig) -> ScaleInfo:
+        if cfg.method == "fixed":
+            if cfg.low is None or cfg.high is None or not cfg.high > cfg.low:
+                raise InputError(f"{self.path}: fixed scaling needs low < high, got {cfg.low}..{cfg.high}")
+            return ScaleInfo("fixed", float(cfg.low), float(cfg.high))
+        if cfg.method == "auto" and (self.dtype == np.uint8 or self.plan.combine == "palette"):
+            return ScaleInfo("divide", 0.0, 255.0)
+        sample = self._stats_sample(ds)
+        if sample.size == 0:
+            return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
+        lo, hi = np.percentile(sample, cfg.percentiles)
+        if not hi > lo:
+            hi = lo + 1.0
+        return ScaleInfo("percentile", float(lo), float(hi), cfg.percentiles)
+
+    def _stats_sample(self, ds: rasterio.DatasetReader) -> np.ndarray:
+        """Valid combined-channel values from a decimated read: overviews if any, else sample windows."""
+        try:
+            if self.overviews or max(self.width, self.height) <= 2048:
+                f = max(1, max(self.width, self.height) // 1024)
+                shape = (len(self.plan.indexes), max(1, self.height // f), max(1, self.width // f))
+                arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=True)
+                return self._valid_values(arr)
+            parts = []
+            n = 8
+            size = 256
+            for gy in range(n):
+                for gx in range(n):
+                    x = int((self.width - size) * (gx + 0.5) / n)
+                    y = int((self.height - size) * (gy + 0.5) / n)
+                    w = Window(x, y, min(size, self.width), min(size, self.height))
+                    parts.append(self._valid_values(ds.read(self.plan.indexes, window=w, masked=True)))
+            return np.concatenate(parts)
+        except RasterioError as exc:
+            raise InputError(f"{self.path}: read failed while measuring the scene's value range ({_one_line(exc)})") from None
+
+    def _valid_values(self, arr: np.ma.MaskedArray) -> np.ndarray:
+        data = np.ma.getdata(arr).astype(np.float32)
+        mask = np.ma.getmaskarray(arr).any(axis=0) | ~np.isfinite(data).all(axis=0)
+        combined = self._combine(data)
+        return combined[:, ~mask].ravel()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _combine(self, data: np.ndarray) -> np.ndarray:
+        """Raw bands [B, h, w] -> model channels [C, h, w] (still in raw units)."""
+        if self.plan.combine == "direct":
+            return data
+        if self.plan.combine == "palette":
+            assert self._lut is not None
+            return self._lut[np.clip(data.astype(np.int64), 0, len(self._lut) - 1)]
+        if self.plan.combine == "luminance":
+            return np.tensordot(LUMA, data, axes=1)[None].astype(np.float32)
+        return np.repeat(data, self.channels, axis=0)
+
+    def read_tile(self, tile: Tile, size: int, out: np.ndarray | None = None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray | None:
+        """The tile scaled to [0, 1] as [C, size, size] (padded right/bottom), or None if all nodata."""
+        ds = self._dataset()
+        try:
+            raw = ds.read(self.plan.indexes, window=tile.window)
+            mask = None
+            if self.has_mask:
+                mask = (ds.read_masks(self.plan.indexes[0], window=tile.window) == 0)
+                if self.dtype.kind == "f":
+                    mask |= ~np.isfinite(raw).all(axis=0)
+        except RasterioError as exc:
+            raise InputError(
+                f"{self.path}: read failed at window col={tile.col_off} row={tile.row_off} ({_one_line(exc)})"
+            ) from None
+        if mask is not None and mask.all():
+            return None
+        data = self._combine(raw.astype(np.float32, copy=False))
+        s = self.scale
+        data = (data - s.low) * (1.0 / (s.high - s.low))
+        np.clip(data, 0.0, 1.0, out=data)
+        if mask is not None:
+            data[:, mask] = self.fill_value
+        if out is None:
+            out = np.zeros((self.channels, size, size), dtype=dtype)
+        else:
+            out[:] = 0
+        out[:, : data.shape[1], : data.shape[2]] = data
+        return out
+
+    def read_preview(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """A decimated, scaled [C, h, w] view of the whole scene and its decimation factor."""
+        ds = self._dataset()
+        f = max(1.0, max(self.width, self.height) / max_size)
+        shape = (len(self.plan.indexes), max(1, int(self.height / f)), max(1, int(self.width / f)))
+        arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.average)
+        data = self._combine(arr.astype(np.float32))
+        s = self.scale
+        return np.clip((data - s.low) / (s.high - s.low), 0, 1), f
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,117 @@
+"""Write detections as GeoJSON (RFC 7946), GeoPackage or GeoParquet, atomically.
+
+Every file is written to a temporary name in the destination folder and renamed into place when it
+is complete, so a failure (or Ctrl-C) never leaves a partial or corrupt output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import geopandas as gpd
+from pyproj import CRS as ProjCRS
+
+from rs_detect.errors import OutputError
+
+FORMATS = {".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".parquet": "parquet", ".geoparquet": "parquet"}
+EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "parquet": ".parquet"}
+LAYER = "detections"
+
+
+def format_for(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: unknown output format {path.suffix!r} (use .geojson, .gpkg or .parquet)")
+    return fmt
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work is done when the output cannot be written."""
+    format_for(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: output folder {parent} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: output folder {parent} is not writable")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same extension); rename it over ``path`` on success."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # drivers want to create the file themselves
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+            p.unlink(missing_ok=True)
+        raise
+
+
+def write_detections(
+    gdf: gpd.GeoDataFrame,
+    path: Path,
+    metadata: dict[str, object] | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``gdf`` to ``path`` (format from the extension) with run metadata; returns ``path``.
+
+    ``extra`` is called with the temporary file before the rename (e.g. to add a style table).
+    """
+    fmt = format_for(path)
+    meta = {k: v for k, v in (metadata or {}).items()}
+    try:
+        with atomic_path(path) as tmp:
+            if fmt == "geojson":
+                is_wgs84 = gdf.crs is not None and gdf.crs.equals(ProjCRS.from_epsg(4326))
+                layer_options = {"RFC7946": "YES" if is_wgs84 else "NO", "WRITE_NAME": "YES",
+                                 "DESCRIPTION": json.dumps(meta, separators=(",", ":"), default=str)}
+                gdf.to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER, layer_options=layer_options)
+            elif fmt == "gpkg":
+                gdf.to_file(tmp, driver="GPKG", engine="pyogrio", layer=LAYER,
+                            metadata={"rs_detect": json.dumps(meta, default=str)})
+            else:
+                _write_parquet(gdf, tmp, meta)
+            if extra is not None:
+                extra(tmp)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def _write_parquet(gdf: gpd.GeoDataFrame, path: Path, meta: dict[str, object]) -> None:
+    import pyarrow.parquet as pq
+    from geopandas.io.arrow import _geopandas_to_arrow
+
+    table = _geopandas_to_arrow(gdf, index=False)
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta[b"rs_detect"] = json.dumps(meta, default=str).encode()
+    pq.write_table(table.replace_schema_metadata(schema_meta), path)
+
+
+def read_metadata(path: Path) -> dict[str, object]:
+    """The run metadata written by :func:`write_detections` (for tests, ``eval`` and ``batch``)."""
+    fmt = format_for(path)
+    if fmt == "geojson":
+        with open(path) as fh:
+            doc = json.load(fh)
+        return json.loads(doc.get("description") or "{}")
+    if fmt == "gpkg":
+        import pyogrio
+
+        info = pyogrio.read_info(path, layer=LAYER)
+        return json.loads((info.get("layer_metadata") or {}).get("rs_detect", "{}"))
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(b"rs_detect", b"{}")
+    return json.loads(raw)

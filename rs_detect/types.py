@@ -1,0 +1,217 @@
+"""Small typed values passed between stages.
+
+Everything here is a frozen dataclass or a struct of arrays: no Python object per detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from affine import Affine
+from rasterio.windows import Window
+
+Task = Literal["detect", "obb"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of the scene.
+
+    ``window`` is the area read from the raster (never outside it); ``width``/``height`` of the
+    window are the real pixels, the rest of the model-sized input is padding (bottom/right).
+    ``interior`` says which of the tile's edges (left, top, right, bottom) lie inside the scene,
+    i.e. are shared with a neighbouring tile: a box touching one of those is cut by the tile.
+    """
+
+    index: int
+    row: int
+    col: int
+    window: Window
+    transform: Affine
+    interior: tuple[bool, bool, bool, bool]
+
+    @property
+    def col_off(self) -> int:
+        return int(self.window.col_off)
+
+    @property
+    def row_off(self) -> int:
+        return int(self.window.row_off)
+
+    @property
+    def width(self) -> int:
+        return int(self.window.width)
+
+    @property
+    def height(self) -> int:
+        return int(self.window.height)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model-ready images [N, C, H, W] (float32 or float16) and the tiles they hold."""
+
+    images: np.ndarray
+    tiles: tuple[Tile, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[0] != len(self.tiles):
+            raise ValueError(f"batch images {self.images.shape} do not match {len(self.tiles)} tiles")
+
+    @property
+    def size(self) -> int:
+        return len(self.tiles)
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model file says about itself (ONNX metadata, engine header, or a YAML sidecar)."""
+
+    names: tuple[str, ...]
+    imgsz: int = 1024
+    channels: int = 1
+    task: Task = "detect"
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    stride: int = 32
+    dynamic_batch: bool = True
+    source: str = ""
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_anchors(self) -> int:
+        """YOLOv8 anchors at strides 8, 16, 32: 21504 at 1024."""
+        return sum((self.imgsz // s) ** 2 for s in (8, 16, 32))
+
+    @property
+    def output_channels(self) -> int:
+        return 4 + self.nc + (1 if self.task == "obb" else 0)
+
+    def with_batch(self, min_batch: int, opt_batch: int, max_batch: int, dynamic: bool) -> ModelMeta:
+        return replace(self, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, dynamic_batch=dynamic)
+
+
+@dataclass
+class Detections:
+    """Detections as a struct of arrays (torch tensors, on whatever device decoded them).
+
+    ``boxes`` is [K, 4] (x1, y1, x2, y2) for ``task == "detect"`` and [K, 5] (cx, cy, w, h, angle in
+    radians) for ``task == "obb"``. ``frame`` is ``"tile"`` (pixels of the tile's input) or
+    ``"scene"`` (pixels of the whole raster). ``cut`` marks boxes touching an interior tile edge.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    class_ids: torch.Tensor
+    tile_ids: torch.Tensor
+    task: Task = "detect"
+    frame: Literal["tile", "scene"] = "tile"
+    cut: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def empty(task: Task = "detect", frame: Literal["tile", "scene"] = "scene") -> Detections:
+        width = 5 if task == "obb" else 4
+        return Detections(
+            boxes=torch.zeros((0, width), dtype=torch.float32),
+            scores=torch.zeros((0,), dtype=torch.float32),
+            class_ids=torch.zeros((0,), dtype=torch.int64),
+            tile_ids=torch.zeros((0,), dtype=torch.int64),
+            task=task,
+            frame=frame,
+            cut=torch.zeros((0,), dtype=torch.bool),
+        )
+
+    def to(self, device: torch.device | str) -> Detections:
+        return Detections(
+            boxes=self.boxes.to(device),
+            scores=self.scores.to(device),
+            class_ids=self.class_ids.to(device),
+            tile_ids=self.tile_ids.to(device),
+            task=self.task,
+            frame=self.frame,
+            cut=None if self.cut is None else self.cut.to(device),
+        )
+
+    def select(self, keep: torch.Tensor) -> Detections:
+        return Detections(
+            boxes=self.boxes[keep],
+            scores=self.scores[keep],
+            class_ids=self.class_ids[keep],
+            tile_ids=self.tile_ids[keep],
+            task=self.task,
+            frame=self.frame,
+            cut=None if self.cut is None else self.cut[keep],
+        )
+
+    @staticmethod
+    def concat(parts: list[Detections], task: Task, frame: Literal["tile", "scene"] = "scene") -> Detections:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Detections.empty(task, frame)
+        dev = parts[0].boxes.device
+        return Detections(
+            boxes=torch.cat([p.boxes.to(dev) for p in parts]),
+            scores=torch.cat([p.scores.to(dev) for p in parts]),
+            class_ids=torch.cat([p.class_ids.to(dev) for p in parts]),
+            tile_ids=torch.cat([p.tile_ids.to(dev) for p in parts]),
+            task=task,
+            frame=frame,
+            cut=torch.cat([
+                (p.cut if p.cut is not None else torch.zeros(len(p), dtype=torch.bool, device=dev)).to(dev)
+                for p in parts
+            ]),
+        )
+
+    def aabb(self) -> torch.Tensor:
+        """Axis-aligned boxes [K, 4] x1y1x2y2 (for OBB: the rotated rectangle's extent)."""
+        if self.task == "detect":
+            return self.boxes
+        from rs_detect.postprocess.geometry import obb_to_aabb
+
+        return obb_to_aabb(self.boxes)
+
+
+@dataclass(frozen=True)
+class ScaleInfo:
+    """How raw pixel values became model input in [0, 1]; recorded in the output's metadata."""
+
+    method: Literal["divide", "percentile", "fixed"]
+    low: float
+    high: float
+    percentiles: tuple[float, float] | None = None
+
+    def as_dict(self) -> dict:
+        out = {"method": self.method, "low": self.low, "high": self.high}
+        if self.percentiles is not None:
+            out["percentiles"] = list(self.percentiles)
+        return out
+
+
+@dataclass
+class RunStats:
+    """Counters the pipeline fills in; printed as the summary line."""
+
+    tiles_total: int = 0
+    tiles_read: int = 0
+    tiles_skipped: int = 0
+    detections_raw: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    @property
+    def detections(self) -> int:
+        return sum(self.per_class.values())
