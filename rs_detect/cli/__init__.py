@@ -6,7 +6,7 @@ Exit codes: 0 ok, 1 failure (a one-line ``error:`` message), 2 usage.
 from __future__ import annotations
 
 import logging
-import sys
+import warnings
 from typing import Any
 
 import click
@@ -26,20 +26,21 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}"
+class _EchoHandler(logging.Handler):
+    """One line per record on the *current* stderr (click's runner swaps it in tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}", err=True)
 
 
 def _setup_logging() -> None:
     root = logging.getLogger("rs_detect")
-    if not any(getattr(h, "_rs_detect", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_OneLine())
-        handler._rs_detect = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    if not any(isinstance(h, _EchoHandler) for h in root.handlers):
+        root.addHandler(_EchoHandler())
     root.setLevel(logging.INFO)
     root.propagate = False
+    # rs-detect says these itself, once and in one line
+    warnings.filterwarnings("ignore", message=".*'crs' was not provided.*", category=UserWarning)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +36,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
@@ -153,7 +154,10 @@ class RasterSource:
         ds = getattr(self._local, "ds", None)
         if ds is None:
             try:
-                ds = rasterio.open(self.path)
+                with warnings.catch_warnings():
+                    # a missing geotransform is reported once, in our own words (_georeferencing)
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    ds = rasterio.open(self.path)
             except RasterioIOError as exc:
                 raise InputError(f"{self.path}: not a readable raster ({_one_line(exc)})") from None
             except RasterioError as exc:

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 from affine import Affine
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
 from rs_detect.errors import ConfigError
 from rs_detect.types import Tile
@@ -55,5 +54,5 @@ def iter_tiles(width: int, height: int, size: int, overlap: int, transform: Affi
             w = min(size, width - x)
             window = Window(x, y, w, h)
             interior = (c > 0, r > 0, c < len(xs) - 1, r < len(ys) - 1)
-            yield Tile(index=index, row=r, col=c, window=window, transform=window_transform(window, transform), interior=interior)
+            yield Tile(index=index, row=r, col=c, window=window, transform=transform @ Affine.translation(x, y), interior=interior)
             index += 1
