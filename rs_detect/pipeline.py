@@ -32,14 +32,18 @@ from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
 from rs_detect.io.reader import RasterSource
+from rs_detect.io.prefetch import RawBatch, RawTile, RowBandReads, WindowReads, assemble, in_background
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
 from rs_detect.postprocess.stitch import merge, to_scene
-from rs_detect.types import Batch, Detections, RunStats, Tile
+from rs_detect.preprocess import Normalizer
+from rs_detect.types import Detections, RunStats, Tile
 
 log = logging.getLogger(__name__)
+
+TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 @dataclass
@@ -91,44 +95,24 @@ class ScenePipeline:
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def _read_ahead(self, src: RasterSource, tiles: Iterator[Tile], pool: ThreadPoolExecutor) -> Iterator[tuple[Tile, np.ndarray | None]]:
-        """Tiles in order with their pixels, read by the pool at most ``prefetch`` batches ahead."""
-        depth = self.batch_size * self.config.prefetch
-        pending: deque[tuple[Tile, Future[np.ndarray | None]]] = deque()
-        dtype = self.engine.input_dtype
-        for tile in tiles:
-            pending.append((tile, pool.submit(src.read_tile, tile, self.meta.imgsz, None, dtype)))
-            if len(pending) >= depth:
-                t, fut = pending.popleft()
-                yield t, fut.result()
-        while pending:
-            t, fut = pending.popleft()
-            yield t, fut.result()
+    def _raw_batches(self, src: RasterSource, tiles: Iterator[Tile], pool: ThreadPoolExecutor) -> Iterator[RawBatch | RawTile]:
+        """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
+        cfg = self.config
+        if src.is_striped:
+            reads = RowBandReads(src, pool, cfg.read_threads)(tiles)
+        else:
+            reads = WindowReads(src, pool, self.batch_size * cfg.prefetch)(tiles)
+        pin = self.engine.device.type == "cuda"
+        batches = assemble(reads, self.batch_size, self.meta.imgsz, len(src.plan.indexes), src.dtype, pin)
+        return in_background(batches, cfg.prefetch, name="rs-batches")
 
-    def _batches(self, reads: Iterator[tuple[Tile, np.ndarray | None]], stats: RunStats, bar: tqdm) -> Iterator[Batch]:
-        images: list[np.ndarray] = []
-        tiles: list[Tile] = []
+    def _postprocess(self, raw: torch.Tensor, tiles: tuple[Tile, ...], stats: RunStats) -> Detections:
         t0 = time.perf_counter()
-        for tile, arr in reads:
-            if arr is None:
-                stats.tiles_skipped += 1
-                bar.update(1)
-                continue
-            images.append(arr)
-            tiles.append(tile)
-            if len(images) == self.batch_size:
-                stats.add_time("read", time.perf_counter() - t0)
-                yield Batch(np.stack(images), tuple(tiles))
-                images, tiles = [], []
-                t0 = time.perf_counter()
-        if images:
-            stats.add_time("read", time.perf_counter() - t0)
-            yield Batch(np.stack(images), tuple(tiles))
-
-    def _postprocess(self, raw: torch.Tensor, batch: Batch) -> Detections:
         cands = decode(raw, self.meta, self.params)
         kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
-        return to_scene(kept, batch.tiles, self.config.edge_margin).to("cpu")
+        out = to_scene(kept, tiles, self.config.edge_margin).to("cpu")
+        stats.add_time("postprocess", time.perf_counter() - t0)
+        return out
 
     # -- the scene ---------------------------------------------------------------------------------
 
@@ -142,23 +126,41 @@ class ScenePipeline:
         with RasterSource(scene, channels=self.meta.channels, bands=cfg.bands, scale=cfg.scale, fill_value=cfg.nodata_fill) as src:
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)
+            norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], cfg.nodata_fill)
             parts: list[Detections] = []
             bar = tqdm(total=stats.tiles_total, unit="tile", desc=scene.name, disable=not progress,
                        file=sys.stderr, dynamic_ncols=True, leave=False)
-            with bar, ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="rs-read") as pool:
-                for batch in self._batches(self._read_ahead(src, tiles, pool), stats, bar):
+            pending: deque[tuple[Future[Detections], int]] = deque()
+
+            def collect() -> None:
+                fut, n = pending.popleft()
+                dets = fut.result()
+                parts.append(dets)
+                stats.tiles_read += n
+                stats.detections_raw += len(dets)
+                bar.update(n)
+                bar.set_postfix(detections=stats.detections_raw, refresh=False)
+
+            with bar, ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
+                    ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
+                t_wait = time.perf_counter()
+                for item in self._raw_batches(src, tiles, pool):
+                    stats.add_time("wait_for_reader", time.perf_counter() - t_wait)
+                    if isinstance(item, RawTile):
+                        stats.tiles_skipped += 1
+                        bar.update(1)
+                        t_wait = time.perf_counter()
+                        continue
                     t0 = time.perf_counter()
-                    raw = self.engine.infer(batch.images)
-                    t1 = time.perf_counter()
-                    dets = self._postprocess(raw, batch)
-                    t2 = time.perf_counter()
-                    stats.add_time("infer", t1 - t0)
-                    stats.add_time("postprocess", t2 - t1)
-                    parts.append(dets)
-                    stats.tiles_read += batch.size
-                    stats.detections_raw += len(dets)
-                    bar.update(batch.size)
-                    bar.set_postfix(detections=stats.detections_raw, refresh=False)
+                    raw = self.engine.infer(norm(item))
+                    stats.add_time("infer", time.perf_counter() - t0)
+                    # decode + NMS of this batch overlap the next batch's inference
+                    pending.append((post.submit(self._postprocess, raw, item.tiles, stats), item.size))
+                    while len(pending) > cfg.prefetch:
+                        collect()
+                    t_wait = time.perf_counter()
+                while pending:
+                    collect()
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
             frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name)

@@ -97,6 +97,13 @@ def paint(shape: tuple[int, int], objects: list[Planted]) -> np.ndarray:
     return img
 
 
+def planted_grid() -> list[Planted]:
+    """A dozen axis-aligned objects, several on the edges of a 256/64 tile grid."""
+    spots = [(100, 100), (256, 120), (192, 300), (320, 256), (256, 192), (448, 450), (700, 700), (212, 630),
+             (640, 200), (830, 830), (500, 80), (90, 500)]
+    return [Planted(code=i + 1, cx=x, cy=y, w=20 + 2 * i, h=12 + i) for i, (x, y) in enumerate(spots)]
+
+
 class FakeEngine(Engine):
     """Emits raw YOLOv8 tensors [B, 4+nc(+1), A] for the coded objects it finds in each image.
 

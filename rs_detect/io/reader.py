@@ -40,7 +40,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
-from rs_detect.types import ScaleInfo, Tile
+from rs_detect.types import ScaleInfo
 
 log = logging.getLogger(__name__)
 
@@ -258,34 +258,37 @@ class RasterSource:
             return np.tensordot(LUMA, data, axes=1)[None].astype(np.float32)
         return np.repeat(data, self.channels, axis=0)
 
-    def read_tile(self, tile: Tile, size: int, out: np.ndarray | None = None, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray | None:
-        """The tile scaled to [0, 1] as [C, size, size] (padded right/bottom), or None if all nodata."""
+    @property
+    def lut(self) -> np.ndarray | None:
+        """Palette index -> luminance, for a paletted band (else None)."""
+        return self._lut
+
+    @property
+    def is_striped(self) -> bool:
+        """Blocks span the full width: a window read decodes whole rows, so read row bands instead."""
+        block_h, block_w = self.block_shapes[0]
+        return block_w >= self.width and self.width > 1
+
+    def read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw bands [B, h, w] in the file's dtype, and the valid-pixel mask [h, w] (None: all valid).
+
+        Scaling happens later, on the engine's device (see :mod:`rs_detect.preprocess`), so the reader
+        only decodes: the cheapest work per pixel that the CPU has to do.
+        """
         ds = self._dataset()
         try:
-            raw = ds.read(self.plan.indexes, window=tile.window)
-            mask = None
+            raw = ds.read(self.plan.indexes, window=window)
+            valid = None
             if self.has_mask:
-                mask = (ds.read_masks(self.plan.indexes[0], window=tile.window) == 0)
+                valid = ds.read_masks(self.plan.indexes[0], window=window) != 0
                 if self.dtype.kind == "f":
-                    mask |= ~np.isfinite(raw).all(axis=0)
+                    valid &= np.isfinite(raw).all(axis=0)
         except RasterioError as exc:
             raise InputError(
-                f"{self.path}: read failed at window col={tile.col_off} row={tile.row_off} ({_one_line(exc)})"
+                f"{self.path}: read failed at window col={int(window.col_off)} row={int(window.row_off)} "
+                f"({_one_line(exc)})"
             ) from None
-        if mask is not None and mask.all():
-            return None
-        data = self._combine(raw.astype(np.float32, copy=False))
-        s = self.scale
-        data = (data - s.low) * (1.0 / (s.high - s.low))
-        np.clip(data, 0.0, 1.0, out=data)
-        if mask is not None:
-            data[:, mask] = self.fill_value
-        if out is None:
-            out = np.zeros((self.channels, size, size), dtype=dtype)
-        else:
-            out[:] = 0
-        out[:, : data.shape[1], : data.shape[2]] = data
-        return out
+        return raw, valid
 
     def read_preview(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """A decimated, scaled [C, h, w] view of the whole scene and its decimation factor."""

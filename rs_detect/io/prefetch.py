@@ -1,0 +1,213 @@
+"""Read tiles ahead of the engine, in order, with bounded memory; assemble raw batches.
+
+Two strategies, chosen by the file's layout:
+
+* :class:`WindowReads` (tiled files): a pool of threads reads windows; each thread has its own dataset
+  handle and GDAL releases the GIL while decoding, so decoding uses the cores.
+* :class:`RowBandReads` (striped files): a window read of a striped file decodes whole image rows, so
+  reading each window separately would decode every strip once per window of the row. Instead each row
+  of windows reads one full-width band once (split in row chunks across the threads) and cuts its
+  windows from it; the next band is read while the current one is consumed.
+
+Memory is bounded by the read-ahead depth (and one or two row bands), never by the scene size.
+Raw pixels stay in the file's dtype here; scaling runs later on the engine's device.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from rs_detect.io.reader import RasterSource
+from rs_detect.types import Tile
+
+T = TypeVar("T")
+
+TORCH_DTYPES = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint16): torch.uint16,
+    np.dtype(np.int16): torch.int16,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class RawTile:
+    tile: Tile
+    data: np.ndarray  # [bands, h, w] in the file's dtype
+    valid: np.ndarray | None  # [h, w] bool, None = all valid
+
+    @property
+    def empty(self) -> bool:
+        return self.valid is not None and not self.valid.any()
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """Raw pixels [N, bands, S, S] (pinned host memory when feeding a GPU) and validity [N, S, S]."""
+
+    data: torch.Tensor
+    valid: torch.Tensor | None
+    tiles: tuple[Tile, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.tiles)
+
+
+class WindowReads:
+    """Windows read by a thread pool, yielded in order, at most ``depth`` tiles ahead."""
+
+    def __init__(self, src: RasterSource, pool: ThreadPoolExecutor, depth: int) -> None:
+        self.src, self.pool, self.depth = src, pool, max(1, depth)
+
+    def _read(self, tile: Tile) -> RawTile:
+        data, valid = self.src.read_raw(tile.window)
+        return RawTile(tile, data, valid)
+
+    def __call__(self, tiles: Iterable[Tile]) -> Iterator[RawTile]:
+        pending: deque[Future[RawTile]] = deque()
+        try:
+            for tile in tiles:
+                pending.append(self.pool.submit(self._read, tile))
+                if len(pending) >= self.depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+class RowBandReads:
+    """Striped files: one full-width band per row of windows, decoded once, split across threads."""
+
+    def __init__(self, src: RasterSource, pool: ThreadPoolExecutor, chunks: int) -> None:
+        self.src, self.pool, self.chunks = src, pool, max(1, chunks)
+        self._band_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-band")
+
+    def _read_band(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray | None]:
+        step = -(-height // self.chunks)
+        parts = [
+            self.pool.submit(self.src.read_raw, Window(0, y, self.src.width, min(step, row_off + height - y)))
+            for y in range(row_off, row_off + height, step)
+        ]
+        results = [p.result() for p in parts]
+        data = np.concatenate([r[0] for r in results], axis=1)
+        valids = [r[1] for r in results]
+        valid = None if all(v is None for v in valids) else np.concatenate(
+            [v if v is not None else np.ones(r[0].shape[1:], dtype=bool) for v, r in zip(valids, results)]
+        )
+        return data, valid
+
+    def __call__(self, tiles: Iterable[Tile]) -> Iterator[RawTile]:
+        rows: dict[int, list[Tile]] = {}
+        for t in tiles:
+            rows.setdefault(t.row, []).append(t)
+        order = sorted(rows)
+        futures: dict[int, Future[tuple[np.ndarray, np.ndarray | None]]] = {}
+
+        def start(i: int) -> None:
+            if i < len(order) and order[i] not in futures:
+                first = rows[order[i]][0]
+                futures[order[i]] = self._band_pool.submit(self._read_band, first.row_off, first.height)
+
+        try:
+            for i, r in enumerate(order):
+                start(i)
+                start(i + 1)  # the next band decodes while this one is cut into windows
+                band, valid = futures.pop(r).result()
+                for t in rows[r]:
+                    x, w = t.col_off, t.width
+                    v = None if valid is None else valid[:, x : x + w]
+                    yield RawTile(t, band[:, :, x : x + w], v)
+        finally:
+            for fut in futures.values():
+                fut.cancel()
+            self._band_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def assemble(raws: Iterable[RawTile], batch_size: int, size: int, bands: int, dtype: np.dtype, pin: bool) -> Iterator[RawBatch | RawTile]:
+    """Group non-empty tiles into batches of ``batch_size``; empty (all-nodata) tiles pass through."""
+    tdtype = TORCH_DTYPES.get(np.dtype(dtype), torch.float32)
+    group: list[RawTile] = []
+
+    def flush() -> RawBatch:
+        n = len(group)
+        data = torch.zeros((n, bands, size, size), dtype=tdtype, pin_memory=pin)
+        view = data.numpy()
+        need_valid = any(r.valid is not None or r.data.shape[1:] != (size, size) for r in group)
+        valid = torch.zeros((n, size, size), dtype=torch.bool, pin_memory=pin) if need_valid else None
+        for i, r in enumerate(group):
+            _, h, w = r.data.shape
+            view[i, :, :h, :w] = r.data
+            if valid is not None:
+                vv = valid.numpy()
+                vv[i, :h, :w] = True if r.valid is None else r.valid
+        return RawBatch(data, valid, tuple(r.tile for r in group))
+
+    for raw in raws:
+        if raw.empty:
+            yield raw
+            continue
+        group.append(raw)
+        if len(group) == batch_size:
+            yield flush()
+            group = []
+    if group:
+        yield flush()
+
+
+_DONE = object()
+
+
+def in_background(items: Iterable[T], maxsize: int, name: str = "rs-producer") -> Iterator[T]:
+    """Run an iterator in a thread, ``maxsize`` items ahead; exceptions re-raise in the consumer."""
+    q: queue.Queue[object] = queue.Queue(maxsize=max(1, maxsize))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)

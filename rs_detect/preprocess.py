@@ -1,0 +1,49 @@
+"""Raw batches -> model input, on the engine's device.
+
+Scaling a 1024 x 1024 tile to float costs a few milliseconds of CPU per tile, which at GPU speeds
+(thousands of tiles per second) would need more cores than the decoders. So the reader ships raw
+pixels (1 or 2 bytes each, in pinned memory) and this step does band combination, the scene-wide
+stretch and the nodata fill as a handful of tensor ops where the engine runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rs_detect.io.prefetch import RawBatch
+from rs_detect.io.reader import LUMA, RasterSource
+
+
+class Normalizer:
+    """Apply one scene's band plan and scaling to raw batches."""
+
+    def __init__(self, src: RasterSource, device: torch.device, dtype: torch.dtype, fill_value: float = 0.0) -> None:
+        self.device, self.dtype = device, dtype
+        self.combine = src.plan.combine
+        self.channels = src.channels
+        s = src.scale
+        self.low = float(s.low)
+        self.gain = 1.0 / float(s.high - s.low)
+        self.fill = float(fill_value)
+        lut = src.lut
+        self.lut = None if lut is None else torch.from_numpy(np.ascontiguousarray(lut)).to(device)
+        self.luma = torch.from_numpy(LUMA).to(device)
+
+    def __call__(self, batch: RawBatch) -> torch.Tensor:
+        nb = self.device.type == "cuda"
+        x = batch.data.to(self.device, non_blocking=nb)
+        if self.combine == "palette":
+            assert self.lut is not None
+            x = self.lut[x.long().clamp_(0, self.lut.numel() - 1)]
+        else:
+            x = x.float()
+        if self.combine == "luminance":
+            x = torch.einsum("c,nchw->nhw", self.luma, x)[:, None]
+        x = x.sub_(self.low).mul_(self.gain).clamp_(0.0, 1.0)
+        if self.combine == "replicate":
+            x = x.expand(-1, self.channels, -1, -1)
+        if batch.valid is not None:
+            valid = batch.valid.to(self.device, non_blocking=nb)[:, None]
+            x = torch.where(valid, x, torch.full((), self.fill, device=self.device))
+        return x.to(self.dtype).contiguous()
