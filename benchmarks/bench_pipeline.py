@@ -1,0 +1,303 @@
+"""Throughput and memory of the scene pipeline against the engine's own speed (not a test).
+
+    # scenes (uint8/uint16, tiled/striped, DEFLATE/LZW), written in row bands with GDAL's threads
+    python benchmarks/bench_pipeline.py scenes --out /tmp/scenes --spec 8192:uint16:tiled:deflate ...
+    # engine-only vs end-to-end for each scene, one fresh process per scene (peak RSS per scene)
+    python benchmarks/bench_pipeline.py run --model m.torchscript --device cuda --batch 16 \
+        --scenes /tmp/scenes/*.tif --csv out.csv --png out.png [--seed-baseline SCENE]
+    # peak RSS as the scene grows, with a fake engine (no model needed)
+    python benchmarks/bench_pipeline.py memory --sizes 2048,16384
+
+Engine-only: batches preloaded on the engine's device, no I/O, timed with the device synchronised.
+End-to-end: ``ScenePipeline.run`` on the scene (reading, scaling, inference, decode, NMS, stitching;
+no output file), tiles per second. The seed baseline runs the seed document's way: the engine loaded
+and buffers set up for every batch, synchronous copies, scaling and decoding on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rs_detect.config import Config  # noqa: E402
+from rs_detect.engines import load_engine  # noqa: E402
+from rs_detect.engines.base import Engine  # noqa: E402
+from rs_detect.types import ModelMeta  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- scenes -------------------------------------------------------------------------------------------
+
+
+def write_scene(path: Path, size: int, dtype: str, layout: str, compress: str, seed: int = 0) -> Path:
+    """A textured scene with bright objects, written 1024 rows at a time (never whole in memory)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.35, 0.08, (2048, 2048)).astype(np.float32)
+    k = np.ones(9, dtype=np.float32) / 9
+    base = np.apply_along_axis(lambda r: np.convolve(r, k, "same"), 1, base)  # some texture, compressible
+    for _ in range(60):  # bright boxes: something for a detector to look at
+        y, x = rng.integers(0, 1990, 2)
+        base[y : y + rng.integers(15, 60), x : x + rng.integers(15, 60)] = 0.9
+    base = np.clip(base, 0, 1)
+    scale, offset = (250.0, 0.0) if dtype == "uint8" else (3500.0, 300.0)
+    prof = dict(driver="GTiff", width=size, height=size, count=1, dtype=dtype, crs="EPSG:32633",
+                transform=from_origin(500000, 4500000, 0.5, 0.5), compress=compress, NUM_THREADS="ALL_CPUS", BIGTIFF="IF_SAFER")
+    if layout == "tiled":
+        prof.update(tiled=True, blockxsize=512, blockysize=512)
+    with rasterio.open(path, "w", **prof) as ds:
+        for y in range(0, size, 1024):
+            h = min(1024, size - y)
+            rows = np.roll(base, shift=(y * 7) % 2048, axis=0)
+            band = np.tile(rows, (1, -(-size // 2048)))[: ((h + 2047) // 2048) * 2048][:h, :size]
+            if band.shape[0] < h:
+                band = np.concatenate([band] * (-(-h // band.shape[0])))[:h]
+            ds.write((band * scale + offset).astype(dtype), 1, window=rasterio.windows.Window(0, y, size, h))
+    return path
+
+
+# -- engines ------------------------------------------------------------------------------------------
+
+
+class NullEngine(Engine):
+    """Returns an all-zero YOLOv8 output: measures everything but the model."""
+
+    backend = "null"
+
+    def __init__(self, imgsz: int = 1024) -> None:
+        from rs_detect import DOTA_CLASSES
+
+        super().__init__(ModelMeta(names=DOTA_CLASSES, imgsz=imgsz, source="null"), torch.device("cpu"))
+
+    def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return torch.zeros((images.shape[0], self.meta.output_channels, self.meta.num_anchors))
+
+
+class SeedStyleEngine(Engine):
+    """The seed's loop: load the model and set up buffers per batch, synchronous copies, CPU output."""
+
+    backend = "seed-style"
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path, self.dev = path, device
+        probe = load_engine(path, device=device)
+        super().__init__(probe.meta, torch.device("cpu"))
+        self._half = probe.input_dtype == np.float16
+        probe.close()
+
+    def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        engine = load_engine(self.path, device=self.dev)  # deserialised for every batch, as in the seed
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32))  # pageable host memory
+        out = engine.infer(x.to(engine.device).half() if self._half else x.to(engine.device))
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        result = out.float().cpu()
+        engine.close()
+        return result
+
+
+def engine_only(engine: Engine, batch: int, iters: int) -> float:
+    """Tiles/s of ``engine.infer`` on preloaded device batches (no I/O)."""
+    dtype = torch.float16 if engine.input_dtype == np.float16 else torch.float32
+    x = torch.rand((batch, engine.meta.channels, engine.meta.imgsz, engine.meta.imgsz), device=engine.device).to(dtype)
+    cuda = engine.device.type == "cuda"
+    for _ in range(3):
+        engine.infer(x)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine.infer(x)
+    if cuda:
+        torch.cuda.synchronize()
+    return batch * iters / (time.perf_counter() - t0)
+
+
+class GpuSampler:
+    """Mean GPU utilisation while a block runs (NVML), or None where there is no GPU."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+
+    def __enter__(self) -> GpuSampler:
+        if self._nvml is not None:
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+# -- one measurement (in a fresh process) --------------------------------------------------------------
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    from rs_detect.pipeline import ScenePipeline
+
+    scene = Path(args.scene)
+    if args.model == "null":
+        engine: Engine = NullEngine()
+    elif args.seed_style:
+        engine = SeedStyleEngine(Path(args.model), args.device)
+    else:
+        engine = load_engine(Path(args.model), device=args.device)
+    cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25)
+    pipe = ScenePipeline(engine, cfg, None if args.model == "null" else Path(args.model))
+    eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, args.engine_iters)
+    if engine.device.type == "cuda":  # warm the kernels for the scene's batch shapes
+        pipe.run(scene) if args.warmup else None
+    rss_before = peak_rss_mb()
+    with GpuSampler() as gpu:
+        t0 = time.perf_counter()
+        result = pipe.run(scene)
+        seconds = time.perf_counter() - t0
+    tiles = result.stats.tiles_read + result.stats.tiles_skipped
+    e2e = tiles / seconds
+    return {
+        "scene": scene.name, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
+        "batch": pipe.batch_size, "tiles": tiles, "seconds": round(seconds, 3),
+        "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
+        "gpu_util": gpu.mean, "detections": len(result.detections),
+        "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
+    }
+
+
+def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    jobs = [(s, False) for s in args.scenes] + ([(args.seed_baseline, True)] if args.seed_baseline else [])
+    for scene, seed in jobs:
+        cmd = [sys.executable, __file__, "one", "--scene", scene, "--model", args.model, "--device", args.device,
+               "--batch", str(args.batch), "--threads", str(args.threads), "--prefetch", str(args.prefetch),
+               "--engine-iters", str(args.engine_iters)] + (["--seed-style"] if seed else []) + (["--warmup"] if args.warmup else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"measurement failed for {scene}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_outputs(rows: list[dict[str, Any]], csv_path: Path | None, png: Path | None, title: str) -> None:
+    if csv_path:
+        keys = [k for k in rows[0] if k != "stages_s"] + ["stages_s"]
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, "stages_s": json.dumps(r["stages_s"])})
+    print(f"\n| scene | backend | batch | tiles | engine-only tiles/s | end-to-end tiles/s | ratio | peak RSS MB | GPU util % |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gpu = "" if r["gpu_util"] is None else f"{r['gpu_util']:.0f}"
+        print(f"| {r['scene']} | {r['backend']} | {r['batch']} | {r['tiles']} | {r['engine_tiles_s']} | {r['e2e_tiles_s']} | {r['ratio']} | {r['peak_rss_mb']} | {gpu} |")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        labels = [f"{r['scene']}\n{r['backend']}" for r in rows]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["engine_tiles_s"] for r in rows], 0.4, label="engine only")
+        ax.bar(x + 0.2, [r["e2e_tiles_s"] for r in rows], 0.4, label="end to end")
+        ax.set_xticks(x, labels, fontsize=7, rotation=20, ha="right")
+        ax.set_ylabel("tiles / s (1024 x 1024)")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sc = sub.add_parser("scenes")
+    sc.add_argument("--out", type=Path, required=True)
+    sc.add_argument("--spec", nargs="+", required=True, help="SIZE:DTYPE:LAYOUT:COMPRESS, e.g. 8192:uint16:tiled:deflate")
+    for name in ("run", "one"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 2) - 2))
+        p.add_argument("--prefetch", type=int, default=3)
+        p.add_argument("--engine-iters", type=int, default=30)
+        p.add_argument("--warmup", action="store_true")
+        if name == "run":
+            p.add_argument("--scenes", nargs="+", required=True)
+            p.add_argument("--seed-baseline", help="also run this scene the seed's way")
+            p.add_argument("--csv", type=Path)
+            p.add_argument("--png", type=Path)
+            p.add_argument("--title", default="rs-detect: engine-only vs end-to-end")
+        else:
+            p.add_argument("--scene", required=True)
+            p.add_argument("--seed-style", action="store_true")
+    mem = sub.add_parser("memory")
+    mem.add_argument("--sizes", default="2048,16384")
+    mem.add_argument("--out", type=Path, default=Path("/tmp/rs-mem"))
+    args = ap.parse_args()
+
+    if args.cmd == "scenes":
+        args.out.mkdir(parents=True, exist_ok=True)
+        for spec in args.spec:
+            size, dtype, layout, comp = spec.split(":")
+            t0 = time.perf_counter()
+            p = write_scene(args.out / f"scene_{size}_{dtype}_{layout}_{comp}.tif", int(size), dtype, layout, comp)
+            print(f"{p} {p.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
+    elif args.cmd == "one":
+        print(json.dumps(run_one(args)))
+    elif args.cmd == "run":
+        write_outputs(run_many(args), args.csv, args.png, args.title)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        scenes = [str(write_scene(args.out / f"mem_{s}.tif", int(s), "uint8", "tiled", "deflate")) for s in args.sizes.split(",")]
+        ns = argparse.Namespace(model="null", device="cpu", batch=8, threads=2, prefetch=2, engine_iters=0, scenes=scenes,
+                                seed_baseline=None, warmup=False)
+        write_outputs(run_many(ns), None, None, "memory")
+
+
+if __name__ == "__main__":
+    main()
