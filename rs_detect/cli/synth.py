@@ -1,0 +1,69 @@
+"""``rs-detect synth``: write a synthetic scene with planes and ships and its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import click
+
+from rs_detect.synthetic import DTYPE_LEVELS, SceneDtype, SceneTruth, default_truth_path, write_scene
+
+
+@click.command("synth")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--width", type=int, default=6000, show_default=True, help="Scene width in pixels (>= 64).")
+@click.option("--height", type=int, default=5000, show_default=True, help="Scene height in pixels (>= 64).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same scene and truth.")
+@click.option(
+    "--truth",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ground-truth GeoJSON path [default: OUT with .truth.geojson].",
+)
+@click.option("--dtype", default="uint8", show_default=True, help="uint8 (5..250) or uint16 (300..3800).")
+@click.option("--striped", is_flag=True, help="Write a striped GeoTIFF instead of 512x512 tiles.")
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+def synth(out: Path, width: int, height: int, seed: int, truth: Path | None, dtype: str, striped: bool, quiet: bool) -> None:
+    """Write a synthetic single-band GeoTIFF scene OUT with planes and ships, and its truth as GeoJSON.
+
+    The truth holds one rotated rectangle per object in the scene's CRS, with pixel attributes, and
+    marks the objects that straddle the 1024/192 tiler's window edges.
+    """
+    truth = truth or default_truth_path(out)
+    if dtype not in DTYPE_LEVELS:
+        raise click.ClickException(f"--dtype must be uint8 or uint16, got {dtype!r}")
+    for path in (out, truth):
+        _check_writable(path)
+    try:
+        result = write_scene(out, width, height, seed, truth_path=truth, dtype=cast(SceneDtype, dtype), striped=striped)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from exc
+    if not quiet:
+        click.echo(summary(result))
+
+
+def summary(result: SceneTruth) -> str:
+    """One line: what was written, how many objects of each class, how long it took."""
+    counts = ", ".join(f"{n} {name}" for name, n in result.counts().items())
+    layout = "tiled" if result.tiled else "striped"
+    return (
+        f"{result.path}: {result.width}x{result.height} {result.dtype} {layout}, {counts} "
+        f"({result.edge_count} on tile edges) -> {result.truth_path} in {result.seconds:.1f} s"
+    )
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before rendering, with one line, when the file cannot be created where asked."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise click.ClickException(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise click.ClickException(f"cannot write {path}: {parent} is not a directory")
+    if path.is_dir():
+        raise click.ClickException(f"cannot write {path}: it is a directory")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Reproduce the bundled sample models (planes and ships, YOLOv8n, 1 channel, 15 DOTA-v1 slots) from a seed.
+
+Why: the sample ONNX files in the repository must be rebuildable by anyone, offline, from code alone.
+The script renders synthetic training chips with :func:`rs_detect.synthetic.render_chip` (the same
+drawing code as ``rs-detect synth`` scenes), writes them as 8-bit PNGs with YOLO detect and OBB labels,
+trains ``yolov8n.yaml`` and ``yolov8n-obb.yaml`` from scratch (never downloading weights), exports
+each best checkpoint to ONNX (dynamic batch, opset 17, simplified) and checks the export with
+ONNX Runtime: input [batch, 1, imgsz, imgsz], output [batch, 4 + 15 (+1 for OBB), anchors], the same
+per-image outputs at batch 1 and 4, and the metadata rs-detect reads (names, imgsz, task, stride).
+
+Needs numpy, pillow, pyyaml, torch, ultralytics, onnx, onnxruntime (and onnxslim for ``simplify``);
+not rasterio or geopandas. Everything it writes goes under ``--out``:
+
+    data/{detect,obb}/{images,labels}/{train,val}/   chips and labels (the OBB images are hard links)
+    data/{detect,obb}.yaml                           Ultralytics data files (channels: 1)
+    runs/{detect,obb}/                               Ultralytics training runs (weights/best.pt)
+    planeship_yolov8n_hbb.onnx, planeship_yolov8n_obb.onnx
+    planeship_training.json                          settings, seed, versions, metrics, timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Ultralytics reads these when it is first imported (inside the functions below): no update checks,
+# no pip auto-installs, no downloads; the AMP self-test (which downloads a model) is avoided by amp below.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rs_detect import DOTA_CLASSES  # noqa: E402
+from rs_detect.synthetic import TruthObject, render_chip  # noqa: E402
+
+TASKS = ("detect", "obb")
+MODEL_YAML = {"detect": "yolov8n.yaml", "obb": "yolov8n-obb.yaml"}
+ONNX_NAME = {"detect": "planeship_yolov8n_hbb.onnx", "obb": "planeship_yolov8n_obb.onnx"}
+SPLITS = {"train": 0, "val": 1}
+STRIDES = (8, 16, 32)
+BATCH_TOLERANCE = 1e-3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chips and of training")
+    p.add_argument("--train", type=int, default=800, help="training chips")
+    p.add_argument("--val", type=int, default=100, help="validation chips")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--imgsz", type=int, default=1024, help="model input size (multiple of 32)")
+    p.add_argument("--chip-size", type=int, default=1024, help="rendered chip size in pixels")
+    p.add_argument("--device", default="0", help="CUDA device index or 'cpu'")
+    p.add_argument("--workers", type=int, default=8, help="data-loader workers")
+    p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
+    p.add_argument("--tasks", default="detect,obb", help="comma-separated subset of detect,obb")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="auto: bf16 on CUDA (skips Ultralytics' AMP self-test, which would download a model), off on CPU",
+    )
+    p.add_argument(
+        "--cache", choices=("disk", "ram", "none"), default="disk", help="Ultralytics image cache (ram is not deterministic)"
+    )
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or set(args.tasks) - set(TASKS):
+        p.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}")
+    if args.imgsz % 32 or args.imgsz < 64:
+        p.error("--imgsz must be a multiple of 32, at least 64")
+    if min(args.train, args.epochs, args.batch, args.chip_size) < 1:
+        p.error("--train, --epochs, --batch and --chip-size must be positive")
+    if args.val < 4:
+        p.error("--val must be at least 4 (the ONNX check compares batch 4 with batch 1 on validation chips)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Chips and labels
+# --------------------------------------------------------------------------------------------------
+
+
+def detect_label(obj: TruthObject, size: int) -> str:
+    """``cls cx cy w h`` normalised: the axis-aligned box of the rotated rectangle (DOTA's HBB)."""
+    x1, y1, x2, y2 = np.clip(obj.bbox, 0, size) / size
+    return f"{obj.class_id} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}"
+
+
+def obb_label(obj: TruthObject, size: int) -> str:
+    """``cls x1 y1 x2 y2 x3 y3 x4 y4`` normalised corners of the rotated rectangle."""
+    corners = np.clip(obj.corners / size, 0.0, 1.0).ravel()
+    return f"{obj.class_id} " + " ".join(f"{v:.6f}" for v in corners)
+
+
+def render_one(job: tuple[Path, str, int, int, int]) -> dict[str, int]:
+    """Render chip ``index`` of ``split`` (its own seed, so any process order gives the same data)."""
+    root, split, index, seed, size = job
+    image, objects = render_chip(np.random.default_rng([seed, SPLITS[split], index]), size=size)
+    name = f"{split}_{index:05d}"
+    png = root / "detect" / "images" / split / f"{name}.png"
+    Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(png, compress_level=1)
+    _link(png, root / "obb" / "images" / split / png.name)
+    for task, fmt in (("detect", detect_label), ("obb", obb_label)):
+        lines = [fmt(o, size) for o in objects]
+        (root / task / "labels" / split / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines))
+    return {c: sum(o.class_name == c for o in objects) for c in ("plane", "ship")}
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Share one PNG between the two datasets (Ultralytics finds labels from the image path)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Write every chip and label, and one data YAML per task; returns object counts per split."""
+    import yaml
+
+    shutil.rmtree(root, ignore_errors=True)
+    for task in TASKS:
+        for kind in ("images", "labels"):
+            for split in SPLITS:
+                (root / task / kind / split).mkdir(parents=True)
+        data = {"path": str((root / task).resolve()), "train": "images/train", "val": "images/val",
+                "names": dict(enumerate(DOTA_CLASSES)), "channels": 1}
+        (root / f"{task}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    counts: dict[str, dict[str, int]] = {}
+    for split, n in (("train", args.train), ("val", args.val)):
+        jobs = [(root, split, i, args.seed, args.chip_size) for i in range(n)]
+        with ProcessPoolExecutor(max_workers=max(1, args.render_workers)) as pool:
+            per_chip = list(pool.map(render_one, jobs, chunksize=4))
+        counts[split] = {"chips": n, **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Training, validation, export
+# --------------------------------------------------------------------------------------------------
+
+
+def amp_setting(args: argparse.Namespace) -> str | bool:
+    """bf16 skips Ultralytics' AMP self-test, which downloads a model and so cannot run offline."""
+    if args.amp == "off" or str(args.device).lower() == "cpu":
+        return False
+    return "bf16"
+
+
+def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
+    from ultralytics import YOLO
+
+    model = YOLO(MODEL_YAML[task])  # architecture from YAML: random weights, nothing downloaded
+    model.train(
+        data=str(data_yaml),
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+        deterministic=True,
+        pretrained=False,
+        amp=amp_setting(args),
+        cache=False if args.cache == "none" else args.cache,
+        plots=False,
+        patience=args.epochs,  # train every epoch: reproducibility over early stopping
+        flipud=0.5,  # overhead imagery has no 'up'
+        project=str((args.out / "runs").resolve()),
+        name=task,
+        exist_ok=True,
+        verbose=True,
+    )
+    return Path(model.trainer.best)
+
+
+def validate(task: str, weights: Path, data_yaml: Path, args: argparse.Namespace) -> dict[str, float]:
+    """mAP50 overall, for plane and for ship, and mAP50-95, on the validation chips."""
+    from ultralytics import YOLO
+
+    metrics = YOLO(str(weights)).val(
+        data=str(data_yaml), imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers,
+        plots=False, project=str((args.out / "runs").resolve()), name=f"{task}_val", exist_ok=True,
+    )
+    per_class = dict(zip((int(i) for i in metrics.ap_class_index), (float(v) for v in metrics.box.ap50), strict=True))
+    return {
+        "mAP50": float(metrics.box.map50),
+        "mAP50-95": float(metrics.box.map),
+        "plane_mAP50": per_class.get(DOTA_CLASSES.index("plane"), 0.0),
+        "ship_mAP50": per_class.get(DOTA_CLASSES.index("ship"), 0.0),
+    }
+
+
+def export(weights: Path, args: argparse.Namespace) -> Path:
+    """ONNX with a symbolic batch and the spatial size pinned to imgsz (what TensorRT profiles want)."""
+    from ultralytics import YOLO
+
+    path = Path(YOLO(str(weights)).export(format="onnx", dynamic=True, opset=17, simplify=True, imgsz=args.imgsz, device="cpu"))
+    pin_spatial_dims(path, args.imgsz)
+    return path
+
+
+def anchors(imgsz: int) -> int:
+    return sum((imgsz // s) ** 2 for s in STRIDES)
+
+
+def pin_spatial_dims(path: Path, imgsz: int) -> None:
+    """Ultralytics' dynamic export frees height and width too; rs-detect feeds fixed tiles, so fix them."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = imgsz
+    dims[3].dim_value = imgsz
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = anchors(imgsz)
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def check_onnx(path: Path, task: str, images: list[Path], imgsz: int) -> dict[str, Any]:
+    """Shapes, metadata and batch-independence of an exported model, with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp, out = session.get_inputs()[0], session.get_outputs()[0]
+    if not (isinstance(inp.shape[0], str) and list(inp.shape[1:]) == [1, imgsz, imgsz]):
+        raise SystemExit(f"{path.name}: input shape {inp.shape}, want [batch, 1, {imgsz}, {imgsz}]")
+    channels = 4 + len(DOTA_CLASSES) + (1 if task == "obb" else 0)
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = {"names", "imgsz", "task", "stride"} - set(meta)
+    if missing or meta["task"] != task or "plane" not in meta["names"]:
+        raise SystemExit(f"{path.name}: metadata {sorted(meta)} lacks {sorted(missing)} or has task {meta.get('task')!r}")
+    batch = np.stack([_model_input(p, imgsz) for p in images[:4]])
+    (together,) = session.run(None, {inp.name: batch})
+    alone = np.concatenate([session.run(None, {inp.name: batch[i : i + 1]})[0] for i in range(len(batch))])
+    if together.shape != (len(batch), channels, anchors(imgsz)):
+        raise SystemExit(f"{path.name}: output shape {together.shape}, want ({len(batch)}, {channels}, {anchors(imgsz)})")
+    diff = float(np.abs(together - alone).max())
+    print(f"{path.name}: batch {len(batch)} vs batch 1 max abs diff {diff:.3g}", flush=True)
+    if diff >= BATCH_TOLERANCE:
+        raise SystemExit(f"{path.name}: batch {len(batch)} and batch 1 outputs differ by {diff:.3g}")
+    return {"input": [str(d) for d in inp.shape], "output": [str(d) for d in out.shape], "batch_max_abs_diff": diff,
+            "metadata": {k: meta[k] for k in ("task", "imgsz", "stride", "names")}}
+
+
+def _model_input(png: Path, imgsz: int) -> np.ndarray:
+    """A chip as the model sees it: [1, imgsz, imgsz] float32 in [0, 1] (resized if chips differ in size)."""
+    image = Image.open(png).convert("L")
+    if image.size != (imgsz, imgsz):
+        image = image.resize((imgsz, imgsz), Image.BILINEAR)
+    return (np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import ultralytics
+
+    try:
+        import onnxslim
+
+        slim = onnxslim.__version__
+    except ImportError:
+        slim = "not installed (export not simplified)"
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "ultralytics": ultralytics.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxslim": slim}
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def run_task(task: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    best = train(task, data / f"{task}.yaml", args)
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    metrics = validate(task, best, data / f"{task}.yaml", args)
+    timings["val_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    onnx_path = export(best, args)
+    timings["export_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    val_images = sorted((data / task / "images" / "val").glob("*.png"))
+    check = check_onnx(onnx_path, task, val_images, args.imgsz)
+    timings["check_s"] = time.perf_counter() - t
+    final = args.out / ONNX_NAME[task]
+    shutil.copyfile(onnx_path, final)
+    print(f"{task}: {final} mAP50 plane {metrics['plane_mAP50']:.3f} ship {metrics['ship_mAP50']:.3f}", flush=True)
+    return {"onnx": final.name, "sha256": sha256(final), "bytes": final.stat().st_size, "best_pt": str(best),
+            "metrics": metrics, "onnx_check": check, "timings": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str((args.out / "ultralytics_config").resolve()))
+    started = time.perf_counter()
+    data = args.out / "data"
+    t = time.perf_counter()
+    counts = render_dataset(data, args)
+    render_s = time.perf_counter() - t
+    print(f"rendered {counts} in {render_s:.1f} s", flush=True)
+    results = {task: run_task(task, args, data) for task in args.tasks}
+    summary = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seed": args.seed,
+        "amp": amp_setting(args),
+        "versions": versions(),
+        "dataset": counts,
+        "tasks": results,
+        "timings": {"render_s": render_s, "total_s": time.perf_counter() - started},
+    }
+    report = args.out / "planeship_training.json"
+    report.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {report} in {summary['timings']['total_s']:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
