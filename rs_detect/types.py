@@ -6,12 +6,14 @@ Everything here is a frozen dataclass or a struct of arrays: no Python object pe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from affine import Affine
-from rasterio.windows import Window
+
+if TYPE_CHECKING:  # annotations only: engines and post-processing import without rasterio
+    from affine import Affine
+    from rasterio.windows import Window
 
 Task = Literal["detect", "obb"]
 

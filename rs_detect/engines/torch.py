@@ -1,0 +1,118 @@
+"""PyTorch backend: a TorchScript model as Ultralytics exports it (``format="torchscript"``).
+
+Why it exists: it is the backend that proves real GPU execution where TensorRT cannot be installed
+(our dev/CI machines have no libnvinfer). One code path for CPU and CUDA: the only differences are
+the device the module and inputs live on and the precision (fp16 on CUDA by default, fp32 on the
+CPU). Metadata comes from the archive's ``config.txt`` extra file (Ultralytics writes its JSON
+metadata there), then a model YAML on top. The output stays on the model's device, so decode and NMS
+run there too (:func:`rs_detect.postprocess.decode.decode` moves its thresholds to ``raw.device``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rs_detect.engines import metadata
+from rs_detect.engines.base import Engine
+from rs_detect.errors import EngineUnavailableError, ModelError
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_OPT_BATCH = {"cuda": 16, "cpu": 8}
+
+
+def torch_device(device: str, where: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N`` as a torch device, refusing CUDA where torch sees none."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"{where}: unknown device {device!r} (cpu or cuda[:N])") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineUnavailableError(
+                f"{where}: --device {device} but PyTorch sees no CUDA GPU (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise EngineUnavailableError(f"{where}: --device {device} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ModelError(f"{where}: device {device!r} is not supported (cpu or cuda[:N])")
+    return dev
+
+
+def load_torchscript(path: Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """``torch.jit.load`` plus the Ultralytics ``config.txt`` extra file (JSON metadata, maybe absent)."""
+    extra = {"config.txt": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but it is what Ultralytics exports
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
+        hint = " (an Ultralytics .pt checkpoint? export it: rs-detect export X.pt --format torchscript)" if path.suffix == ".pt" else ""
+        raise ModelError(f"{path}: not a TorchScript model{hint} ({' '.join(str(exc).split())[:160]})") from None
+    text = extra["config.txt"]
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        meta = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: its config.txt metadata is not JSON") from None
+    return module.eval(), meta if isinstance(meta, dict) else {}
+
+
+def _yaml_has_batch(path: Path, model_yaml: Mapping[str, Any] | Path | None) -> bool:
+    if model_yaml is None:
+        found = metadata.sidecar_yaml(path)
+        raw: Mapping[str, Any] = metadata.load_model_yaml(found) if found else {}
+    elif isinstance(model_yaml, Path):
+        raw = metadata.load_model_yaml(model_yaml)
+    else:
+        raw = model_yaml
+    return isinstance(raw.get("batch"), Mapping)
+
+
+class TorchScriptEngine(Engine):
+    """A TorchScript detector on the CPU (fp32) or one CUDA GPU (fp16 unless ``half=False``)."""
+
+    backend = "torchscript"
+
+    def __init__(self, path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, half: bool | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        dev = torch_device(device, str(path))
+        self.path = path
+        self.half = dev.type == "cuda" if half is None else bool(half)
+        module, raw = load_torchscript(path, dev)
+        self.module = module.half() if self.half else module.float()
+        meta = metadata.resolve(path, raw, model_yaml)
+        if not _yaml_has_batch(path, model_yaml):
+            opt = DEFAULT_OPT_BATCH[dev.type]
+            meta = meta.with_batch(1, opt, DEFAULT_MAX_BATCH, dynamic=True)
+        self.raw_metadata = raw
+        super().__init__(meta, dev)
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(np.float16) if self.half else np.dtype(np.float32)
+
+    def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32, non_blocking=True)
+        with torch.inference_mode():
+            out = self.module(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float()
+
+    def close(self) -> None:
+        self.module = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

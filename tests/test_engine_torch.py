@@ -1,0 +1,141 @@
+"""TorchScriptEngine: Ultralytics-style TorchScript (config.txt metadata), one code path for CPU and CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fake_tensorrt import MiniYolo, mini_torchscript
+
+from rs_detect.engines import load_engine
+from rs_detect.engines.torch import TorchScriptEngine, load_torchscript
+from rs_detect.errors import EngineUnavailableError, ModelError
+from rs_detect.postprocess.decode import DecodeParams, decode
+from rs_detect.postprocess.nms import nms_per_tile
+
+
+@pytest.fixture(scope="module")
+def ts_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mini_torchscript(tmp_path_factory.mktemp("ts") / "mini.torchscript")
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
+
+
+def test_metadata_from_config_txt_and_default_bounds(ts_path: Path) -> None:
+    engine = TorchScriptEngine(ts_path)
+    m = engine.meta
+    assert m.names[:2] == ("plane", "ship") and m.nc == 15 and m.imgsz == 64 and m.channels == 1
+    assert (m.min_batch, m.opt_batch, m.max_batch, m.dynamic_batch) == (1, 8, 32, True)
+    assert engine.device == torch.device("cpu") and not engine.half and engine.input_dtype == np.float32
+    _, raw = load_torchscript(ts_path)
+    assert raw["batch"] == 2 and raw["imgsz"] == [64, 64]
+
+
+def test_output_matches_the_eager_model(ts_path: Path) -> None:
+    engine = TorchScriptEngine(ts_path)
+    x = _images(5)
+    out = engine.infer(x)
+    with torch.no_grad():
+        ref = MiniYolo().eval()(torch.from_numpy(x))  # same seed -> same weights as the traced one
+    assert out.dtype == torch.float32 and out.device.type == "cpu" and tuple(out.shape) == (5, 19, 84)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(engine.infer(torch.from_numpy(x[:2])), ref[:2], rtol=1e-5, atol=1e-4)
+
+
+def test_model_yaml_sets_batch_bounds_and_names(ts_path: Path, tmp_path: Path) -> None:
+    engine = TorchScriptEngine(ts_path, model_yaml={"batch": {"min": 2, "opt": 4, "max": 6}})
+    assert (engine.meta.min_batch, engine.meta.opt_batch, engine.meta.max_batch) == (2, 4, 6)
+    out = engine.infer(_images(13))  # split 6 + 6 + 1 (padded to 2)
+    assert tuple(out.shape) == (13, 19, 84)
+    sidecar = tmp_path / "mini.yaml"
+    sidecar.write_text("names: [" + ", ".join(f"k{i}" for i in range(15)) + "]\n")
+    copy = tmp_path / "mini.torchscript"
+    copy.write_bytes(ts_path.read_bytes())
+    assert TorchScriptEngine(copy).meta.names[0] == "k0"
+
+
+def test_decode_and_nms_run_on_its_output(ts_path: Path) -> None:
+    engine = TorchScriptEngine(ts_path)
+    raw = engine.infer(_images(3))
+    params = DecodeParams.build(engine.meta, conf=0.5, conf_by_class=None, classes=None)
+    dets = nms_per_tile(decode(raw, engine.meta, params), iou=0.5, max_det=50, num_classes=engine.meta.nc)
+    assert dets.boxes.device == raw.device and len(dets) > 0
+    assert int(dets.tile_ids.max()) <= 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(ts_path: Path) -> None:
+    with pytest.raises(EngineUnavailableError, match="PyTorch sees no CUDA GPU"):
+        TorchScriptEngine(ts_path, device="cuda")
+
+
+def test_bad_files_and_devices(tmp_path: Path, ts_path: Path) -> None:
+    junk = tmp_path / "junk.torchscript"
+    junk.write_bytes(b"nope")
+    with pytest.raises(ModelError, match="not a TorchScript model"):
+        TorchScriptEngine(junk)
+    with pytest.raises(ModelError, match="not found"):
+        TorchScriptEngine(tmp_path / "missing.torchscript")
+    with pytest.raises(ModelError, match="not supported|unknown device"):
+        TorchScriptEngine(ts_path, device="tpu")
+
+
+def test_plain_torchscript_without_config_txt(tmp_path: Path) -> None:
+    """A TorchScript saved without Ultralytics metadata: DOTA defaults + a model YAML for imgsz."""
+    path = tmp_path / "plain.torchscript"
+    torch.jit.trace(MiniYolo().eval(), torch.zeros(1, 1, 64, 64), check_trace=False).save(str(path))
+    engine = TorchScriptEngine(path, model_yaml={"imgsz": 64})
+    assert engine.meta.nc == 15 and tuple(engine.infer(_images(2)).shape) == (2, 19, 84)
+    bad = tmp_path / "badmeta.torchscript"
+    torch.jit.trace(MiniYolo().eval(), torch.zeros(1, 1, 64, 64), check_trace=False).save(str(bad), _extra_files={"config.txt": "{oops"})
+    with pytest.raises(ModelError, match="config.txt metadata is not JSON"):
+        TorchScriptEngine(bad)
+
+
+def test_load_engine_picks_it_by_suffix(ts_path: Path) -> None:
+    with load_engine(ts_path) as engine:
+        assert isinstance(engine, TorchScriptEngine) and engine.backend == "torchscript"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_matches_cpu_fp32(ts_path: Path) -> None:
+    cpu = TorchScriptEngine(ts_path, device="cpu")
+    gpu = TorchScriptEngine(ts_path, device="cuda")
+    assert gpu.half and gpu.input_dtype == np.float16 and gpu.meta.opt_batch == 16
+    x = _images(20)
+    out = gpu.infer(x.astype(np.float16))
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    ref = cpu.infer(x)
+    scale = ref.abs().amax(dim=(0, 2), keepdim=True).clamp(min=1)
+    assert float(((out.cpu() - ref).abs() / scale).max()) < 2e-2
+    params = DecodeParams.build(gpu.meta, conf=0.5, conf_by_class=None, classes=None)
+    assert decode(out, gpu.meta, params).boxes.device.type == "cuda"
+    assert json.dumps(gpu.raw_metadata)
+
+
+def test_gpu_check_tool_runs_without_the_geo_packages(tmp_path: Path) -> None:
+    """tools/gpu_check.py must run where rasterio/geopandas/shapely are absent (the GPU image)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import runpy, sys\n"
+        "for m in ('rasterio', 'affine', 'shapely', 'geopandas', 'pyogrio'):\n"
+        "    sys.modules[m] = None\n"
+        f"sys.argv = ['gpu_check', '--device', 'cpu', '--images', '3', '--timing-iters', '1', '--out', {str(tmp_path / 'r.json')!r}]\n"
+        f"runpy.run_path({str(repo / 'tools' / 'gpu_check.py')!r}, run_name='__main__')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["environment"]["shimmed_modules"] == ["affine", "rasterio.windows"]
+    assert report["detections"]["matched"] == report["detections"]["reference_boxes"] > 0
+    assert report["raw"]["scores"]["max_abs_diff"] < 1e-4 and report["raw"]["box"]["p999_abs_diff"] < 1e-2
+    assert res.stdout.startswith("PASS: cpu fp32 vs ONNX Runtime CPU fp32")
