@@ -21,24 +21,35 @@ def fail(exc: RsDetectError) -> None:
 @click.argument("scene", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file: .geojson (default, beside the scene), .gpkg or .parquet.")
 @scene_options
+@click.option("--preview", "preview", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Also write a quick-look PNG with the detections drawn [default path: <output stem>.preview.png "
+                   "beside the output]. Give it after SCENE, or as --preview=PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-def detect(scene: Path, output: Path | None, model: Path | None, config_path: Path | None, quiet: bool, classes: tuple[str, ...] | None, **flags: Any) -> None:
+def detect(scene: Path, output: Path | None, model: Path | None, config_path: Path | None, quiet: bool,
+           classes: tuple[str, ...] | None, preview: str | None, **flags: Any) -> None:
     """Detect planes and ships in SCENE (a GeoTIFF or any raster GDAL reads)."""
     from rs_detect.engines import load_engine
     from rs_detect.pipeline import ScenePipeline
+    from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
 
     try:
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
         out = output or scene.with_suffix(".geojson")
         if not scene.exists():
             raise RsDetectError(f"{scene}: no such file")
+        preview_path = None if preview is None else Path(preview) if preview else default_preview_path(out)
+        if preview_path is not None:
+            check_preview_writable(preview_path)
         model_path = cfg.model_path()
         model_yaml = Path(cfg.model_meta) if isinstance(cfg.model_meta, str) else cfg.model_meta
         engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
         pipeline = ScenePipeline(engine, cfg, model_path)
         result = pipeline.run(scene, out, progress=not quiet and sys.stderr.isatty())
+        if not quiet:
+            click.echo(result.summary())
+        if preview_path is not None:  # after the detections are safely written: a failure here loses nothing
+            shown = render_result_preview(result, preview_path)
+            if not quiet:
+                click.echo(f"preview -> {shown.path} ({shown.seconds:.1f} s)")
     except RsDetectError as exc:
         fail(exc)
-        return
-    if not quiet:
-        click.echo(result.summary())

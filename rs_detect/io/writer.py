@@ -2,11 +2,18 @@
 
 Every file is written to a temporary name in the destination folder and renamed into place when it
 is complete, so a failure (or Ctrl-C) never leaves a partial or corrupt output.
+
+The layer arrives styled for QGIS (see :mod:`rs_detect.style`): a GeoPackage carries the style in its
+``layer_styles`` table (added to the temporary file before the rename); GeoJSON and GeoParquet get a
+sidecar ``<name>.qml``, itself written to a temporary name and renamed into place just before the
+main file, and removed again if the main file does not make it. The sidecar is skipped (with an
+info line) where QGIS would also apply it to another file of the same stem, e.g. the scene raster.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,10 +24,13 @@ import geopandas as gpd
 from pyproj import CRS as ProjCRS
 
 from rs_detect.errors import OutputError
+from rs_detect.style import qml_for, sidecar_path, sidecar_problem, write_gpkg_style
 
 FORMATS = {".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".parquet": "parquet", ".geoparquet": "parquet"}
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "parquet": ".parquet"}
 LAYER = "detections"
+
+log = logging.getLogger(__name__)
 
 
 def format_for(path: Path) -> str:
@@ -63,13 +73,17 @@ def write_detections(
     path: Path,
     metadata: dict[str, object] | None = None,
     extra: Callable[[Path], None] | None = None,
+    style: bool = True,
 ) -> Path:
     """Write ``gdf`` to ``path`` (format from the extension) with run metadata; returns ``path``.
 
-    ``extra`` is called with the temporary file before the rename (e.g. to add a style table).
+    ``extra`` is called with the temporary file before the rename. ``style`` adds the QGIS style
+    (GeoPackage: a ``layer_styles`` row; GeoJSON/GeoParquet: a sidecar ``.qml``).
     """
     fmt = format_for(path)
     meta = {k: v for k, v in (metadata or {}).items()}
+    qml = qml_for(meta, _present_classes(gdf)) if style else None
+    placed: list[Path] = []
     try:
         with atomic_path(path) as tmp:
             if fmt == "geojson":
@@ -78,14 +92,49 @@ def write_detections(
                                  "DESCRIPTION": json.dumps(meta, separators=(",", ":"), default=str)}
                 gdf.to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER, layer_options=layer_options)
             elif fmt == "gpkg":
-                gdf.to_file(tmp, driver="GPKG", engine="pyogrio", layer=LAYER,
+                gdf.to_file(tmp, driver="GPKG", engine="pyogrio", layer=LAYER, geometry_type=_geometry_type(gdf),
                             metadata={"rs_detect": json.dumps(meta, default=str)})
+                if qml is not None:
+                    write_gpkg_style(tmp, LAYER, qml, description=f"{meta.get('software', 'rs-detect')}: one colour per class, score labels")
             else:
                 _write_parquet(gdf, tmp, meta)
             if extra is not None:
                 extra(tmp)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            if qml is not None and fmt != "gpkg":
+                problem = sidecar_problem(path)
+                if problem is None:
+                    placed.append(write_text_atomic(sidecar_path(path), qml))
+                else:
+                    log.info("%s: QGIS style .qml not written (%s); a .gpkg output carries its style inside", path, problem)
+    except BaseException as exc:
+        for p in placed:  # the main file did not make it: its sidecar must not stay behind alone
+            p.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return path
+
+
+def _geometry_type(gdf: gpd.GeoDataFrame) -> str | None:
+    """"Polygon" for detections (also when there are none: an empty layer keeps a stable type that its
+    polygon style applies to), else None to let the driver infer it."""
+    types = set(gdf.geom_type.dropna().unique()) if len(gdf) else set()
+    return "Polygon" if types <= {"Polygon"} else None
+
+
+def _present_classes(gdf: gpd.GeoDataFrame) -> list[str]:
+    if "class_name" not in gdf.columns or not len(gdf):
+        return []
+    if "class_id" in gdf.columns:
+        pairs = gdf[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")
+        return [str(n) for n in pairs["class_name"]]
+    return sorted(str(n) for n in gdf["class_name"].unique())
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
