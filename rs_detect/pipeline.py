@@ -32,7 +32,7 @@ from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
 from rs_detect.io.reader import RasterSource
-from rs_detect.io.prefetch import RawBatch, RawTile, RowBandReads, WindowReads, assemble, in_background
+from rs_detect.io.prefetch import RawBatch, RawTile, RowBandReads, assemble, in_background, window_batches
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.postprocess.decode import DecodeParams, decode
@@ -91,6 +91,7 @@ class ScenePipeline:
         self.batch_size = max(1, min(wanted, self.meta.max_batch))
         if not self.meta.dynamic_batch:
             self.batch_size = self.meta.max_batch
+        self._side_stream: torch.cuda.Stream | None = None
         self._model_hash = file_sha256(model_path) if model_path and model_path.is_file() else None
 
     # -- stages ------------------------------------------------------------------------------------
@@ -98,21 +99,39 @@ class ScenePipeline:
     def _raw_batches(self, src: RasterSource, tiles: Iterator[Tile], pool: ThreadPoolExecutor) -> Iterator[RawBatch | RawTile]:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
+        pin = self.engine.device.type == "cuda"
         if src.is_striped:
             reads = RowBandReads(src, pool, cfg.read_threads)(tiles)
+            batches = assemble(reads, self.batch_size, self.meta.imgsz, len(src.plan.indexes), src.dtype, pin)
         else:
-            reads = WindowReads(src, pool, self.batch_size * cfg.prefetch)(tiles)
-        pin = self.engine.device.type == "cuda"
-        batches = assemble(reads, self.batch_size, self.meta.imgsz, len(src.plan.indexes), src.dtype, pin)
+            batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch)
         return in_background(batches, cfg.prefetch, name="rs-batches")
 
-    def _postprocess(self, raw: torch.Tensor, tiles: tuple[Tile, ...], stats: RunStats) -> Detections:
+    def _postprocess(self, raw: torch.Tensor, tiles: tuple[Tile, ...], stats: RunStats,
+                     ready: torch.cuda.Event | None = None) -> Detections:
+        """Decode + NMS + shift to scene pixels; on a GPU, on a side stream that waits for this batch only.
+
+        Decoding has data-dependent shapes, so it synchronises its stream. On the engine's stream that
+        would wait for every batch queued behind this one and let the GPU run dry; on a side stream it
+        waits for this batch's ``ready`` event alone.
+        """
         t0 = time.perf_counter()
-        cands = decode(raw, self.meta, self.params)
-        kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
-        out = to_scene(kept, tiles, self.config.edge_margin).to("cpu")
+        if ready is None:
+            out = self._decode(raw, tiles)
+        else:
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=raw.device)
+            with torch.cuda.stream(self._side_stream):
+                self._side_stream.wait_event(ready)
+                raw.record_stream(self._side_stream)
+                out = self._decode(raw, tiles)
         stats.add_time("postprocess", time.perf_counter() - t0)
         return out
+
+    def _decode(self, raw: torch.Tensor, tiles: tuple[Tile, ...]) -> Detections:
+        cands = decode(raw, self.meta, self.params)
+        kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
+        return to_scene(kept, tiles, self.config.edge_margin).to("cpu")
 
     # -- the scene ---------------------------------------------------------------------------------
 
@@ -153,9 +172,13 @@ class ScenePipeline:
                         continue
                     t0 = time.perf_counter()
                     raw = self.engine.infer(norm(item))
+                    ready = None
+                    if raw.is_cuda:
+                        ready = torch.cuda.Event()
+                        ready.record()
                     stats.add_time("infer", time.perf_counter() - t0)
                     # decode + NMS of this batch overlap the next batch's inference
-                    pending.append((post.submit(self._postprocess, raw, item.tiles, stats), item.size))
+                    pending.append((post.submit(self._postprocess, raw, item.tiles, stats, ready), item.size))
                     while len(pending) > cfg.prefetch:
                         collect()
                     t_wait = time.perf_counter()

@@ -170,6 +170,81 @@ def assemble(raws: Iterable[RawTile], batch_size: int, size: int, bands: int, dt
         yield flush()
 
 
+def _fill(src: RasterSource, tile: Tile, data: np.ndarray, valid: np.ndarray) -> tuple[bool, bool]:
+    """Read ``tile`` straight into its batch slot (in a reader thread, so the copy is parallel too).
+
+    Returns (empty, needs_mask): all nodata, and whether the slot has invalid pixels (nodata or padding).
+    """
+    raw, v = src.read_raw(tile.window)
+    _, h, w = raw.shape
+    data[:, :h, :w] = raw
+    padded = (h, w) != data.shape[1:]
+    if v is None and not padded:
+        return False, False
+    valid[:h, :w] = True if v is None else v
+    return (v is not None and not v.any()), True
+
+
+def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
+                   size: int, pin: bool, depth: int) -> Iterator[RawBatch | RawTile]:
+    """Tiled files: batches whose slots the reader threads fill directly, ``depth`` batches ahead.
+
+    At GPU speeds a single thread copying tiles into the batch would itself be the bottleneck
+    (gigabytes per second), so each reader thread decodes and copies its own tile.
+    """
+    tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
+    bands = len(src.plan.indexes)
+    pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor, list[Future[tuple[bool, bool]]]]] = deque()
+
+    def start(group: list[Tile]) -> None:
+        n = len(group)
+        data = torch.zeros((n, bands, size, size), dtype=tdtype, pin_memory=pin)
+        valid = torch.zeros((n, size, size), dtype=torch.bool, pin_memory=pin)
+        d, v = data.numpy(), valid.numpy()
+        futs = [pool.submit(_fill, src, t, d[i], v[i]) for i, t in enumerate(group)]
+        pending.append((group, data, valid, futs))
+
+    def finish() -> Iterator[RawBatch | RawTile]:
+        group, data, valid, futs = pending.popleft()
+        flags = [f.result() for f in futs]
+        keep = [i for i, (empty, _) in enumerate(flags) if not empty]
+        for i, (empty, _) in enumerate(flags):
+            if empty:
+                yield RawTile(group[i], np.zeros((bands, 0, 0), dtype=src.dtype), np.zeros((0, 0), dtype=bool))
+        if not keep:
+            return
+        needs_mask = any(flags[i][1] for i in keep)
+        if len(keep) < len(group):  # rare: drop all-nodata tiles from the batch
+            idx = torch.tensor(keep)
+            data, valid = data[idx], valid[idx]
+            if pin:
+                data, valid = data.pin_memory(), valid.pin_memory()
+        # slots read as all-valid never wrote their mask: mark them valid before the mask is used
+        if needs_mask:
+            for j, i in enumerate(keep):
+                if not flags[i][1]:
+                    valid[j] = True
+        yield RawBatch(data, valid if needs_mask else None, tuple(group[i] for i in keep))
+
+    try:
+        group: list[Tile] = []
+        for tile in tiles:
+            group.append(tile)
+            if len(group) == batch_size:
+                start(group)
+                group = []
+                if len(pending) > depth:
+                    yield from finish()
+        if group:
+            start(group)
+        while pending:
+            yield from finish()
+    finally:
+        for *_, futs in pending:
+            for f in futs:
+                f.cancel()
+
+
 _DONE = object()
 
 
