@@ -32,7 +32,7 @@ class Config:
     tile_size: int | None = None  # default: the model's input size
     overlap: int = 192
     batch_size: int | None = None  # default: the engine's preferred batch
-    conf: float = 0.25
+    conf: float | None = None  # default: the model's own (model YAML 'conf'), else 0.25
     conf_by_class: dict[str, float] = field(default_factory=dict)
     iou: float = 0.5
     classes: tuple[str, ...] | None = ("plane", "ship")
@@ -59,6 +59,8 @@ class Config:
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("conf", "iou", "merge_iou", "merge_ios"):
             v = getattr(self, name)
+            if v is None:
+                continue
             check(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v}")
         for k, v in self.conf_by_class.items():
             check(0.0 <= float(v) <= 1.0, f"conf_by_class[{k}] must be in [0, 1], got {v}")

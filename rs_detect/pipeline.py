@@ -81,7 +81,9 @@ class ScenePipeline:
         self.config = config
         self.meta = engine.meta
         self.model_path = model_path
-        self.params = DecodeParams.build(self.meta, config.conf, config.conf_by_class, config.classes)
+        #: the confidence threshold in force: the user's, else the model's own, else 0.25
+        self.conf = config.conf if config.conf is not None else (self.meta.conf if self.meta.conf is not None else 0.25)
+        self.params = DecodeParams.build(self.meta, self.conf, config.conf_by_class, config.classes)
         self.tile_size = config.tile_size or self.meta.imgsz
         if self.tile_size > self.meta.imgsz:
             raise ConfigError(f"tile size {self.tile_size} is larger than the model input {self.meta.imgsz}")
@@ -221,7 +223,7 @@ class ScenePipeline:
             "tile_size": self.tile_size,
             "overlap": cfg.overlap,
             "batch_size": self.batch_size,
-            "conf": cfg.conf,
+            "conf": self.conf,
             "conf_by_class": dict(cfg.conf_by_class),
             "iou": cfg.iou,
             "merge_iou": cfg.merge_iou,

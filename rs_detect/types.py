@@ -81,6 +81,7 @@ class ModelMeta:
     max_batch: int = 32
     stride: int = 32
     dynamic_batch: bool = True
+    conf: float | None = None  # the model's recommended confidence threshold
     source: str = ""
 
     @property

@@ -23,7 +23,7 @@ from rs_detect import DOTA_CLASSES
 from rs_detect.errors import ConfigError, ModelError
 from rs_detect.types import ModelMeta
 
-YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride"}
+YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf"}
 
 
 def _literal(value: Any) -> Any:
@@ -64,6 +64,11 @@ def from_mapping(raw: Mapping[str, Any], base: ModelMeta | None = None, source: 
         updates["imgsz"] = _imgsz(raw["imgsz"])
     if "channels" in raw:
         updates["channels"] = int(_literal(raw["channels"]))
+    if "conf" in raw:
+        conf = float(_literal(raw["conf"]))
+        if not 0.0 <= conf <= 1.0:
+            raise ModelError(f"{source}: conf must be in [0, 1], got {conf}")
+        updates["conf"] = conf
     if "stride" in raw:
         updates["stride"] = int(_literal(raw["stride"]))
     if "task" in raw:
