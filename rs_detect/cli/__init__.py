@@ -12,7 +12,11 @@ from typing import Any
 import click
 
 from rs_detect import __version__
+from rs_detect.cli.batch import batch
 from rs_detect.cli.detect import detect
+from rs_detect.cli.evaluate import eval_cmd
+from rs_detect.cli.models import build_engine, export, inspect
+from rs_detect.cli.synth import synth
 
 
 class DefaultGroup(click.Group):
@@ -55,31 +59,8 @@ def cli() -> None:
     _setup_logging()
 
 
-cli.add_command(detect)
-
-
-def _register_optional() -> None:
-    """Commands that live in their own modules; each is imported when the group is built."""
-    import importlib
-
-    for module, name in (
-        ("rs_detect.cli.synth", "synth"),
-        ("rs_detect.cli.evaluate", "eval_cmd"),
-        ("rs_detect.cli.models", "inspect"),
-        ("rs_detect.cli.models", "export"),
-        ("rs_detect.cli.models", "build_engine"),
-        ("rs_detect.cli.batch", "batch"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        cli.add_command(getattr(mod, name))
-
-
-_register_optional()
+for command in (detect, synth, eval_cmd, inspect, export, build_engine, batch):
+    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> Any:
