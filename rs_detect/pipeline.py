@@ -196,6 +196,7 @@ class ScenePipeline:
                 stats.per_class[names[cid]] = stats.per_class.get(names[cid], 0) + 1
             meta = self._metadata(src, scene)
         stats.seconds = time.perf_counter() - start
+        meta["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
         meta["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
         if output is not None:
             t0 = time.perf_counter()

@@ -105,7 +105,7 @@ def write_detections(
                 if problem is None:
                     placed.append(write_text_atomic(sidecar_path(path), qml))
                 else:
-                    log.info("%s: QGIS style .qml not written (%s); a .gpkg output carries its style inside", path, problem)
+                    log.debug("%s: QGIS style .qml not written (%s); a .gpkg output carries its style inside", path, problem)
     except BaseException as exc:
         for p in placed:  # the main file did not make it: its sidecar must not stay behind alone
             p.unlink(missing_ok=True)
