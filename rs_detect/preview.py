@@ -337,14 +337,10 @@ def render_result_preview(result: SceneResult, out_path: Path | None = None, **k
 
 def check_preview_writable(path: Path) -> None:
     """Fail early (before a long run) when the preview cannot be written."""
+    from rs_detect.io.writer import check_writable
+
     _image_format(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{path}: preview folder {parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: preview folder {parent} is not writable")
+    check_writable(path, "preview")
 
 
 def _image_format(path: Path) -> str:

@@ -40,16 +40,17 @@ def format_for(path: Path) -> str:
     return fmt
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, what: str = "output") -> None:
     """Fail before any work is done when the output cannot be written."""
-    format_for(path)
+    if what == "output":
+        format_for(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(f"{path}: output folder {parent} does not exist")
+        raise OutputError(f"{path}: {what} folder {parent} does not exist")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: output folder {parent} is not writable")
+        raise OutputError(f"{path}: {what} folder {parent} is not writable")
 
 
 @contextmanager
