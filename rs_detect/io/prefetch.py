@@ -2,8 +2,9 @@
 
 Two strategies, chosen by the file's layout:
 
-* :class:`WindowReads` (tiled files): a pool of threads reads windows; each thread has its own dataset
-  handle and GDAL releases the GIL while decoding, so decoding uses the cores.
+* :func:`window_batches` (tiled files): a pool of threads reads windows straight into the slots of
+  pinned batches; each thread has its own dataset handle and GDAL releases the GIL while decoding,
+  so decoding (and the copy) use the cores. :class:`WindowReads` yields single tiles the same way.
 * :class:`RowBandReads` (striped files): a window read of a striped file decodes whole image rows, so
   reading each window separately would decode every strip once per window of the row. Instead each row
   of windows reads one full-width band once (split in row chunks across the threads) and cuts its
