@@ -303,7 +303,12 @@ class TorchBuffers:
         count = int(np.prod(shape))
         with self._on_stream():
             out = self.tensors[name].view(-1)[:count].view(shape).to(torch.float32, copy=True)
-        self.synchronize()
+        if self.stream is not None:
+            # no host sync: whoever uses ``out`` on the caller's stream waits for this stream, so the
+            # next batch can be queued while this one is decoded (the copy above is ordered before it)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            out.record_stream(current)
         return out
 
     def synchronize(self) -> None:
