@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # GDAL caches decoded blocks up to 5 % of RAM by default: on a 24 GiB machine that is over 1 GiB of
 # resident memory that grows with the scene until the cap. A band of windows needs far less; the
 # user's own setting wins.
-os.environ.setdefault("GDAL_CACHEMAX", "64")
+os.environ.setdefault("GDAL_CACHEMAX", "16")
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
