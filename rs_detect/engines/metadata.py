@@ -107,13 +107,24 @@ def sidecar_yaml(model: Path) -> Path | None:
     return None
 
 
-def resolve(model: Path, file_meta: Mapping[str, Any], override: Mapping[str, Any] | Path | None) -> ModelMeta:
-    """File metadata < model YAML (explicit ``override``, else a sidecar YAML)."""
-    meta = from_mapping(file_meta, source=str(model))
+def model_yaml(model: Path, override: Mapping[str, Any] | Path | None) -> Mapping[str, Any] | None:
+    """The model YAML that applies to ``model``: the explicit ``override``, else a sidecar YAML."""
     if override is None:
         override = sidecar_yaml(model)
     if isinstance(override, Path):
         override = load_model_yaml(override)
-    if override:
-        meta = from_mapping(override, meta, source=str(model))
+    return override or None
+
+
+def resolve(model: Path, file_meta: Mapping[str, Any], override: Mapping[str, Any] | Path | None) -> ModelMeta:
+    """File metadata < model YAML (explicit ``override``, else a sidecar YAML)."""
+    meta = from_mapping(file_meta, source=str(model))
+    yaml_meta = model_yaml(model, override)
+    if yaml_meta:
+        meta = from_mapping(yaml_meta, meta, source=str(model))
     return meta
+
+
+def yaml_sets_batch(model: Path, override: Mapping[str, Any] | Path | None) -> bool:
+    """Whether the model YAML fixes the batch bounds (backends then keep them over their defaults)."""
+    return isinstance((model_yaml(model, override) or {}).get("batch"), Mapping)

@@ -159,20 +159,6 @@ def pick_output(outputs: list[IOTensor], where: str) -> IOTensor:
     raise ModelError(f"{where}: none of the outputs {[t.name for t in outputs]} is a [batch, channels, anchors] tensor")
 
 
-def _yaml_batch(path: Path, model_yaml: Mapping[str, Any] | Path | None) -> Mapping[str, Any] | None:
-    """The ``batch`` mapping of the model YAML that :func:`metadata.resolve` will apply, if any."""
-    raw: Mapping[str, Any] | None
-    if model_yaml is None:
-        found = metadata.sidecar_yaml(path)
-        raw = metadata.load_model_yaml(found) if found else None
-    elif isinstance(model_yaml, Path):
-        raw = metadata.load_model_yaml(model_yaml)
-    else:
-        raw = model_yaml
-    batch = raw.get("batch") if raw else None
-    return batch if isinstance(batch, Mapping) else None
-
-
 def batch_bounds(inp: IOTensor) -> tuple[int, int, int, bool]:
     """(min, opt, max, dynamic) of the input's batch dim: the profile's, or the fixed batch."""
     if inp.shape[0] > 0:
@@ -203,8 +189,7 @@ def resolve_engine_meta(path: Path, file: EngineFile, inp: IOTensor, out: IOTens
         if d < 0 and inp.profile and not inp.profile[0][k] <= meta.imgsz <= inp.profile[2][k]:
             raise ModelError(f"{where}: imgsz {meta.imgsz} is outside the engine's {label} profile {inp.profile[0][k]}..{inp.profile[2][k]}")
     lo, opt, hi, dynamic = batch_bounds(inp)
-    wanted = _yaml_batch(path, model_yaml)
-    if wanted and dynamic:
+    if dynamic and metadata.yaml_sets_batch(path, model_yaml):
         if not lo <= meta.min_batch <= meta.max_batch <= hi:
             raise ModelError(f"{where}: model YAML batch {meta.min_batch}..{meta.max_batch} is outside the engine profile {lo}..{hi}")
         lo, opt, hi = meta.min_batch, max(meta.min_batch, min(meta.opt_batch, meta.max_batch)), meta.max_batch

@@ -67,17 +67,6 @@ def load_torchscript(path: Path, device: str | torch.device = "cpu") -> tuple[to
     return module.eval(), meta if isinstance(meta, dict) else {}
 
 
-def _yaml_has_batch(path: Path, model_yaml: Mapping[str, Any] | Path | None) -> bool:
-    if model_yaml is None:
-        found = metadata.sidecar_yaml(path)
-        raw: Mapping[str, Any] = metadata.load_model_yaml(found) if found else {}
-    elif isinstance(model_yaml, Path):
-        raw = metadata.load_model_yaml(model_yaml)
-    else:
-        raw = model_yaml
-    return isinstance(raw.get("batch"), Mapping)
-
-
 class TorchScriptEngine(Engine):
     """A TorchScript detector on the CPU (fp32) or one CUDA GPU (fp16 unless ``half=False``)."""
 
@@ -93,7 +82,7 @@ class TorchScriptEngine(Engine):
         module, raw = load_torchscript(path, dev)
         self.module = module.half() if self.half else module.float()
         meta = metadata.resolve(path, raw, model_yaml)
-        if not _yaml_has_batch(path, model_yaml):
+        if not metadata.yaml_sets_batch(path, model_yaml):
             opt = DEFAULT_OPT_BATCH[dev.type]
             meta = meta.with_batch(1, opt, DEFAULT_MAX_BATCH, dynamic=True)
         self.raw_metadata = raw

@@ -141,7 +141,6 @@ class RasterSource:
         self.count: int = ds.count
         self.dtype = np.dtype(ds.dtypes[0])
         self.block_shapes = ds.block_shapes
-        self.is_tiled = bool(ds.profile.get("tiled", False)) or (ds.block_shapes[0][0] > 1 and ds.block_shapes[0][1] < ds.width)
         self.overviews = ds.overviews(1)
         self.crs, self.transform, self.georef = self._georeferencing(ds)
         self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path))
