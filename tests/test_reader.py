@@ -14,7 +14,7 @@ from rasterio.enums import ColorInterp as CI
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import InputError
-from rs_detect.io.prefetch import RawBatch, RowBandReads, WindowReads, assemble
+from rs_detect.io.prefetch import RawBatch, RowBandReads, window_batches
 from rs_detect.io.reader import RasterSource, ScaleConfig, plan_bands
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
@@ -52,8 +52,7 @@ def normalize(path: Path, **kw: object) -> tuple[torch.Tensor, RasterSource]:
     src = RasterSource(path, **kw)
     tile = next(iter_tiles(src.width, src.height, 256, 32))
     with ThreadPoolExecutor(2) as pool:
-        raw = next(iter(WindowReads(src, pool, 2)([tile])))
-    (batch,) = list(assemble([raw], 4, 256, len(src.plan.indexes), src.dtype, pin=False))
+        (batch,) = list(window_batches(src, [tile], pool, 4, 256, pin=False, depth=1))
     assert isinstance(batch, RawBatch)
     return Normalizer(src, torch.device("cpu"), torch.float32, fill_value=0.0)(batch)[0], src
 
@@ -101,8 +100,8 @@ def test_striped_row_bands_give_the_same_tiles_as_windows(tmp_path: Path) -> Non
     src = RasterSource(write_tif(tmp_path / "striped.tif", img, tiled=False, blockysize=1))
     assert src.is_striped
     tiles = list(iter_tiles(src.width, src.height, 256, 48))
+    by_window = [src.read_raw(t.window)[0] for t in tiles]
     with ThreadPoolExecutor(3) as pool:
-        by_window = [r.data for r in WindowReads(src, pool, 4)(tiles)]
         by_band = list(RowBandReads(src, pool, 3)(tiles))
     assert [r.tile.index for r in by_band] == [t.index for t in tiles]
     for a, b in zip(by_window, by_band):

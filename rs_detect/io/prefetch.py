@@ -4,7 +4,7 @@ Two strategies, chosen by the file's layout:
 
 * :func:`window_batches` (tiled files): a pool of threads reads windows straight into the slots of
   pinned batches; each thread has its own dataset handle and GDAL releases the GIL while decoding,
-  so decoding (and the copy) use the cores. :class:`WindowReads` yields single tiles the same way.
+  so decoding (and the copy) use the cores.
 * :class:`RowBandReads` (striped files): a window read of a striped file decodes whole image rows, so
   reading each window separately would decode every strip once per window of the row. Instead each row
   of windows reads one full-width band once (split in row chunks across the threads) and cuts its
@@ -66,30 +66,6 @@ class RawBatch:
     @property
     def size(self) -> int:
         return len(self.tiles)
-
-
-class WindowReads:
-    """Windows read by a thread pool, yielded in order, at most ``depth`` tiles ahead."""
-
-    def __init__(self, src: RasterSource, pool: ThreadPoolExecutor, depth: int) -> None:
-        self.src, self.pool, self.depth = src, pool, max(1, depth)
-
-    def _read(self, tile: Tile) -> RawTile:
-        data, valid = self.src.read_raw(tile.window)
-        return RawTile(tile, data, valid)
-
-    def __call__(self, tiles: Iterable[Tile]) -> Iterator[RawTile]:
-        pending: deque[Future[RawTile]] = deque()
-        try:
-            for tile in tiles:
-                pending.append(self.pool.submit(self._read, tile))
-                if len(pending) >= self.depth:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()
 
 
 class RowBandReads:
