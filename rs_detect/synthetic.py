@@ -206,22 +206,15 @@ def _crs_text(crs: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def window_starts(length: int, tile: int = 1024, overlap: int = 192) -> list[int]:
-    """Window start offsets along one axis: steps of ``tile - overlap``, the last snapped to end at the edge."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, tile - overlap))
-    starts.append(length - tile)
-    return starts
-
-
 def window_edges(length: int, tile: int = 1024, overlap: int = 192) -> np.ndarray:
     """Interior window edges along one axis: every window start > 0 and every window end < length.
 
     An object whose box crosses one of these lines is cut by at least one window; the lines also bound
     the overlap zones, so objects straddling them are the ones a tiler must stitch or de-duplicate.
     """
-    starts = window_starts(length, tile, overlap)
+    from rs_detect.io.tiling import axis_starts  # the tiler's own grid (imported here: chips need no GIS stack)
+
+    starts = axis_starts(length, tile, overlap)
     lines = {s for s in starts if s > 0} | {s + tile for s in starts if s + tile < length}
     return np.array(sorted(lines), dtype=np.float64)
 
@@ -1166,7 +1159,10 @@ def plan_scene(
     _check_plan_args(width, height, seed, objects_per_mpx, tile, overlap, style)
     rng = np.random.default_rng(seed)
     edges = (window_edges(width, tile, overlap), window_edges(height, tile, overlap))
-    windows = len(window_starts(width, tile, overlap)) * len(window_starts(height, tile, overlap))
+    from rs_detect.io.tiling import grid_shape
+
+    rows, cols = grid_shape(width, height, tile, overlap)
+    windows = rows * cols
     edge_count = max(4, windows // 2) if edge_objects and (edges[0].size or edges[1].size) else 0
     cfg = _scene_config(rng, width, height, objects_per_mpx, edge_count, style)
     return _build_plan(rng, width, height, cfg, edges)

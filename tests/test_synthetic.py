@@ -18,6 +18,7 @@ from rasterio.transform import from_origin
 from rs_detect import DOTA_CLASSES
 from rs_detect import synthetic as syn
 from rs_detect.cli.synth import synth
+from rs_detect.io.tiling import axis_starts
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1100, 900  # two tiler windows across, one down
@@ -224,20 +225,14 @@ def test_objects_do_not_overlap(scene: syn.SceneTruth) -> None:
 # ---- window edges --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [500, 1024, 1025, 1856, 2000, 6000, 30000])
-def test_window_grid_matches_the_tiler(length: int) -> None:
-    tiling = pytest.importorskip("rs_detect.io.tiling")
-    assert syn.window_starts(length, 1024, 192) == tiling.axis_starts(length, 1024, 192)
-
-
 def test_edge_objects_straddle_window_edges() -> None:
     width, height, tile, overlap = 2600, 2000, 512, 96
     plan = syn.plan_scene(width, height, 21, tile=tile, overlap=overlap)
     xs, ys = syn.window_edges(width, tile, overlap), syn.window_edges(height, tile, overlap)
-    starts = syn.window_starts(width, tile, overlap)
+    starts = axis_starts(width, tile, overlap)
     assert 416 in xs and 512 in xs and starts[-1] == width - tile and width not in xs  # overlap-zone borders
     on_edge = [o for o in plan.objects if o.edge]
-    windows = len(starts) * len(syn.window_starts(height, tile, overlap))
+    windows = len(starts) * len(axis_starts(height, tile, overlap))
     assert len(on_edge) >= windows // 2
     for o in on_edge:
         x1, y1, x2, y2 = o.bbox
