@@ -16,6 +16,7 @@ from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
 from rs_detect.engines.base import Engine
+from rs_detect.export import export_torch_module_onnx
 from rs_detect.types import ModelMeta
 
 SHARED_TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "geotiff"
@@ -196,24 +197,34 @@ class _MeanChannels(torch.nn.Module):
 
 
 def export_tiny_onnx(path: Path, imgsz: int = 64, channels: int = 1, task: str = "detect", dynamic: bool = True) -> Path:
-    import onnx
-
-    model: torch.nn.Module = TinyYolo(imgsz).eval() if channels == 1 else _MeanChannels(TinyYolo(imgsz)).eval()
-    dummy = torch.zeros(1, channels, imgsz, imgsz)
-    axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
-    torch.onnx.export(model, (dummy,), str(path), input_names=["images"], output_names=["output0"],
-                      dynamic_axes=axes, dynamo=False, opset_version=17)
-    m = onnx.load(str(path))
-    meta = {"names": str(dict(enumerate(DOTA_CLASSES))), "imgsz": str([imgsz, imgsz]), "task": task,
-            "stride": "32", "channels": str(channels), "batch": "1"}
-    for k, v in meta.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.save(m, str(path))
-    return path
+    """:class:`TinyYolo` through rs-detect's own exporter (Ultralytics-style metadata, dynamic batch)."""
+    model: torch.nn.Module = TinyYolo(imgsz) if channels == 1 else _MeanChannels(TinyYolo(imgsz))
+    return export_torch_module_onnx(model, path, imgsz, channels, DOTA_CLASSES, task, dynamic=dynamic)
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 px, 1-channel, 15-class YOLOv8-shaped ONNX with a dynamic batch."""
     return export_tiny_onnx(tmp_path_factory.mktemp("models") / "tiny.onnx", imgsz=64)
+
+
+# -- the fake TensorRT and the three kinds of batch export ------------------------------------------
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch):  # -> fake_tensorrt.FakeState
+    """The fake TensorRT and pycuda (tests/fake_tensorrt.py), pycuda memory path."""
+    import fake_tensorrt as ft
+
+    return ft.install_pycuda_path(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def batch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A truly dynamic export, a static one (the seed's trap), and the static one with dims edited to 'batch'."""
+    from fake_tensorrt import edit_batch_dims, mini_onnx
+
+    d = tmp_path_factory.mktemp("batch_models")
+    out = {"dynamic": mini_onnx(d / "dynamic.onnx"), "static": mini_onnx(d / "static.onnx", dynamic=False)}
+    out["edited"] = edit_batch_dims(out["static"], d / "edited.onnx")
+    return out

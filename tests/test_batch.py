@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import onnx
 import pytest
 import rasterio
 import torch
@@ -40,6 +38,7 @@ from rs_detect.batch import (
 from rs_detect.cli.batch import batch
 from rs_detect.config import Config
 from rs_detect.errors import InputError
+from rs_detect.export import export_torch_module_onnx
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::rasterio.errors.NotGeoreferencedWarning",  # the scene without CRS, on purpose
@@ -81,18 +80,7 @@ class BlobDetector(torch.nn.Module):
 @pytest.fixture(scope="session")
 def blob_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-channel, 15-class YOLOv8-shaped ONNX model with Ultralytics-style metadata and dynamic batch."""
-    path = tmp_path_factory.mktemp("model") / "blob.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(BlobDetector(), (torch.zeros(2, 1, S, S),), str(path), input_names=["images"],
-                          output_names=["output0"], dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    model = onnx.load(str(path))
-    names = {i: n for i, n in enumerate(DOTA_CLASSES)}
-    onnx.helper.set_model_props(model, {"names": str(names), "imgsz": f"[{S}, {S}]", "task": "detect",
-                                        "stride": "32", "channels": "1", "batch": "1"})
-    onnx.save(model, str(path))
-    return path
+    return export_torch_module_onnx(BlobDetector(), tmp_path_factory.mktemp("model") / "blob.onnx", S, 1, DOTA_CLASSES)
 
 
 def write_scene(path: Path, blobs: list[tuple[int, int]], size: tuple[int, int] = (150, 120), epsg: int | None = 32633,

@@ -9,58 +9,44 @@ import fake_tensorrt as ft
 import numpy as np
 import onnx
 import pytest
-from fake_tensorrt import MiniYolo, edit_batch_dims, legacy_onnx_export, mini_onnx
+from fake_tensorrt import MiniYolo, legacy_onnx_export
 
 from rs_detect.engines.tensorrt import TensorRTEngine, read_engine_file, sidecar_path, split_header
 from rs_detect.errors import EngineUnavailableError, ModelError
 from rs_detect.export import build_engine
 
 
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> ft.FakeState:
-    """The fake TensorRT and pycuda (tests/fake_tensorrt.py), pycuda memory path."""
-    return ft.install_pycuda_path(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("build")
-    out = {"dynamic": mini_onnx(d / "dynamic.onnx"), "static": mini_onnx(d / "static.onnx", dynamic=False)}
-    out["edited"] = edit_batch_dims(out["static"], d / "edited.onnx")
-    return out
-
-
-def test_profile_flags_and_workspace(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
-    result = build_engine(onnx_models["dynamic"], tmp_path / "m.engine", 2, 6, 16, fp16=True, workspace_gb=1.5)
+def test_profile_flags_and_workspace(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    result = build_engine(batch_models["dynamic"], tmp_path / "m.engine", 2, 6, 16, fp16=True, workspace_gb=1.5)
     (build,) = fake_trt.builds
     assert build["ok"]
     assert build["profiles"] == [{"images": ((2, 1, 64, 64), (6, 1, 64, 64), (16, 1, 64, 64))}]
     assert build["flags"] == {ft.BuilderFlag.FP16}
     assert build["pool_limits"] == {ft.MemoryPoolType.WORKSPACE: int(1.5 * (1 << 30))}
     assert build["network_flags"] == 0  # explicit batch is the default (and only) mode in TensorRT 10
-    assert fake_trt.parsed[0]["path"] == str(onnx_models["dynamic"])
+    assert fake_trt.parsed[0]["path"] == str(batch_models["dynamic"])
     assert result.shapes == ((2, 1, 64, 64), (6, 1, 64, 64), (16, 1, 64, 64))
-    assert result.trtexec_line(onnx_models["dynamic"]).endswith(
+    assert result.trtexec_line(batch_models["dynamic"]).endswith(
         "--minShapes=images:2x1x64x64 --optShapes=images:6x1x64x64 --maxShapes=images:16x1x64x64 --fp16 "
         f"--saveEngine={tmp_path / 'm.plan'}")
 
 
-def test_defaults_are_fp32_without_a_workspace_limit(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
-    build_engine(onnx_models["dynamic"], tmp_path / "m.engine")
+def test_defaults_are_fp32_without_a_workspace_limit(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    build_engine(batch_models["dynamic"], tmp_path / "m.engine")
     (build,) = fake_trt.builds
     assert build["flags"] == set() and build["pool_limits"] == {}
     assert build["profiles"][0]["images"][1][0] == 8 and build["profiles"][0]["images"][2][0] == 32
 
 
-def test_tensorrt_8_gets_the_explicit_batch_flag(monkeypatch: pytest.MonkeyPatch, onnx_models: dict[str, Path], tmp_path: Path) -> None:
+def test_tensorrt_8_gets_the_explicit_batch_flag(monkeypatch: pytest.MonkeyPatch, batch_models: dict[str, Path], tmp_path: Path) -> None:
     rec = ft.install(monkeypatch, version="8.6.1")
-    build_engine(onnx_models["dynamic"], tmp_path / "m.engine")
+    build_engine(batch_models["dynamic"], tmp_path / "m.engine")
     assert rec.builds[0]["network_flags"] == 1 << int(ft.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
-def test_engine_header_carries_the_metadata(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
+def test_engine_header_carries_the_metadata(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.engine"
-    result = build_engine(onnx_models["dynamic"], out, 1, 4, 8, fp16=True)
+    result = build_engine(batch_models["dynamic"], out, 1, 4, 8, fp16=True)
     assert result.sidecar is None and not sidecar_path(out).exists()
     offset, meta = split_header(out.read_bytes())
     assert offset > 4 and out.read_bytes()[offset:].startswith(ft.PLAN_MAGIC)
@@ -71,9 +57,9 @@ def test_engine_header_carries_the_metadata(fake_trt: ft.FakeState, onnx_models:
     assert (engine.meta.min_batch, engine.meta.opt_batch, engine.meta.max_batch) == (1, 4, 8)
 
 
-def test_plan_output_is_plain_with_a_sidecar(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
+def test_plan_output_is_plain_with_a_sidecar(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.plan"
-    result = build_engine(onnx_models["dynamic"], out)
+    result = build_engine(batch_models["dynamic"], out)
     assert out.read_bytes().startswith(ft.PLAN_MAGIC)  # trtexec --loadEngine can read it as is
     assert result.sidecar == tmp_path / "m.plan.json"
     assert json.loads(result.sidecar.read_text())["task"] == "detect"
@@ -83,33 +69,33 @@ def test_plan_output_is_plain_with_a_sidecar(fake_trt: ft.FakeState, onnx_models
     assert tuple(TensorRTEngine(out).infer(x).shape) == (3, 19, 84)
 
 
-def test_rebuilding_an_engine_drops_a_stale_sidecar(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
+def test_rebuilding_an_engine_drops_a_stale_sidecar(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.engine"
     sidecar_path(out).write_text(json.dumps({"names": ["stale"]}))
-    build_engine(onnx_models["dynamic"], out)
+    build_engine(batch_models["dynamic"], out)
     assert not sidecar_path(out).exists()
     assert list(tmp_path.glob(".*tmp")) == []  # no temporary files left behind
 
 
 @pytest.mark.parametrize("kind", ["static", "edited"])
-def test_static_onnx_is_refused_before_building(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path, kind: str) -> None:
+def test_static_onnx_is_refused_before_building(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path, kind: str) -> None:
     with pytest.raises(ModelError, match="static batch 1") as err:
-        build_engine(onnx_models[kind], tmp_path / "m.engine")
+        build_engine(batch_models[kind], tmp_path / "m.engine")
     text = str(err.value)
     assert "dynamic_axes" in text and "/Reshape" in text and "\n" not in text
     assert fake_trt.builds == [] and not (tmp_path / "m.engine").exists()
 
 
-def test_bad_bounds_and_missing_tensorrt(monkeypatch: pytest.MonkeyPatch, onnx_models: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_bounds_and_missing_tensorrt(monkeypatch: pytest.MonkeyPatch, batch_models: dict[str, Path], tmp_path: Path) -> None:
     ft.install(monkeypatch)
     with pytest.raises(ModelError, match="1 <= min <= opt <= max, got 4/2/8"):
-        build_engine(onnx_models["dynamic"], tmp_path / "m.engine", 4, 2, 8)
+        build_engine(batch_models["dynamic"], tmp_path / "m.engine", 4, 2, 8)
     ft.install(monkeypatch, tensorrt=False)
     with pytest.raises(EngineUnavailableError, match="pip install tensorrt"):
-        build_engine(onnx_models["dynamic"], tmp_path / "m.engine")
+        build_engine(batch_models["dynamic"], tmp_path / "m.engine")
 
 
-def test_parser_errors_and_failed_builds_are_reported(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parser_errors_and_failed_builds_are_reported(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def bad_parse(self: ft.OnnxParser, model: bytes, path: str | None = None) -> bool:
         self._errors.append(ft.ParserError("Unsupported operator: FancyOp"))
         return False
@@ -117,10 +103,10 @@ def test_parser_errors_and_failed_builds_are_reported(fake_trt: ft.FakeState, on
     with monkeypatch.context() as m:
         m.setattr(ft.OnnxParser, "parse", bad_parse)
         with pytest.raises(ModelError, match="ONNX parser failed .*Unsupported operator: FancyOp"):
-            build_engine(onnx_models["dynamic"], tmp_path / "m.engine")
+            build_engine(batch_models["dynamic"], tmp_path / "m.engine")
     monkeypatch.setattr(ft.Builder, "build_serialized_network", lambda self, network, config: None)
     with pytest.raises(ModelError, match="could not build the engine"):
-        build_engine(onnx_models["dynamic"], tmp_path / "m.engine")
+        build_engine(batch_models["dynamic"], tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
 
 
@@ -136,8 +122,8 @@ def _rename_input(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
-def test_profile_goes_on_the_input_named_in_the_onnx(fake_trt: ft.FakeState, onnx_models: dict[str, Path], tmp_path: Path) -> None:
-    path = _rename_input(onnx_models["dynamic"], tmp_path / "renamed.onnx", "input")
+def test_profile_goes_on_the_input_named_in_the_onnx(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    path = _rename_input(batch_models["dynamic"], tmp_path / "renamed.onnx", "input")
     result = build_engine(path, tmp_path / "r.engine")
     assert list(fake_trt.builds[0]["profiles"][0]) == ["input"] and result.input_name == "input"
     assert "--minShapes=input:1x1x64x64" in result.trtexec_line(path)

@@ -11,16 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
-from fake_tensorrt import edit_batch_dims, mini_onnx
+from fake_tensorrt import mini_onnx
 
 from conftest import export_tiny_onnx, write_tif
 from rs_detect.cli import cli
-
-
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> ft.FakeState:
-    """The fake TensorRT and pycuda (tests/fake_tensorrt.py), pycuda memory path."""
-    return ft.install_pycuda_path(monkeypatch)
 
 
 def run(*args: str | Path) -> Result:
@@ -36,37 +30,29 @@ def one_error_line(res: Result, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("cli_models")
-    out = {"dynamic": mini_onnx(d / "dynamic.onnx"), "static": mini_onnx(d / "static.onnx", dynamic=False)}
-    out["edited"] = edit_batch_dims(out["static"], d / "edited.onnx")
-    return out
-
-
 # -- inspect --------------------------------------------------------------------------------------------
 
 
-def test_inspect_three_verdicts_three_answers(models: dict[str, Path]) -> None:
-    dyn = run("inspect", models["dynamic"])
+def test_inspect_three_verdicts_three_answers(batch_models: dict[str, Path]) -> None:
+    dyn = run("inspect", batch_models["dynamic"])
     assert dyn.exit_code == 0, dyn.output
     assert "verdict  dynamic batch: usable with any batch size" in dyn.stdout
-    static = run("inspect", models["static"])
+    static = run("inspect", batch_models["static"])
     assert static.exit_code == 1 and "verdict  static batch 1: the model runs only with batch 1" in static.stdout
-    edited = run("inspect", models["edited"])
+    edited = run("inspect", batch_models["edited"])
     assert edited.exit_code == 1
     assert "static batch 1: the input/output dims say 'batch'" in edited.stdout
     assert "baked    /Reshape_6 (Reshape to constant shape [1, 4, 4, 84])" in edited.stdout
     assert "batch 3 fails" in edited.stdout and "dynamic_axes" in edited.stdout
 
 
-def test_inspect_json(models: dict[str, Path]) -> None:
-    res = run("inspect", models["edited"], "--json")
+def test_inspect_json(batch_models: dict[str, Path]) -> None:
+    res = run("inspect", batch_models["edited"], "--json")
     assert res.exit_code == 1
     doc = json.loads(res.stdout)
     assert doc["usable_for_dynamic_batching"] is False and doc["batch"]["fixed_batch"] == 1
     assert doc["inputs"][0]["shape"] == ["batch", 1, 64, 64]
-    ok = json.loads(run("inspect", models["dynamic"], "--json").stdout)
+    ok = json.loads(run("inspect", batch_models["dynamic"], "--json").stdout)
     assert ok["usable_for_dynamic_batching"] is True and ok["model"]["imgsz"] == 64
 
 
@@ -77,8 +63,8 @@ def test_inspect_errors_are_one_line(tmp_path: Path) -> None:
     one_error_line(run("inspect", bad), "bad.onnx")
 
 
-def test_inspect_engines(fake_trt: ft.FakeState, models: dict[str, Path], tmp_path: Path) -> None:
-    assert run("build-engine", models["dynamic"], "-o", tmp_path / "m.engine", "--max-batch", "16").exit_code == 0
+def test_inspect_engines(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    assert run("build-engine", batch_models["dynamic"], "-o", tmp_path / "m.engine", "--max-batch", "16").exit_code == 0
     res = run("inspect", tmp_path / "m.engine")
     assert res.exit_code == 0, res.output
     assert "dynamic batch: the optimization profile allows batch 1 to 16 (opt 8)" in res.stdout
@@ -95,8 +81,8 @@ def test_inspect_engines(fake_trt: ft.FakeState, models: dict[str, Path], tmp_pa
 # -- build-engine ----------------------------------------------------------------------------------------
 
 
-def test_build_engine_prints_what_it_built(fake_trt: ft.FakeState, models: dict[str, Path], tmp_path: Path) -> None:
-    res = run("build-engine", models["dynamic"], "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32",
+def test_build_engine_prints_what_it_built(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    res = run("build-engine", batch_models["dynamic"], "--min-batch", "1", "--opt-batch", "8", "--max-batch", "32",
               "--fp16", "--workspace", "2", "-o", tmp_path / "m.engine")
     assert res.exit_code == 0, res.output
     assert "batch 1/8/32 (min/opt/max), fp16, metadata in the engine header" in res.stdout
@@ -105,21 +91,21 @@ def test_build_engine_prints_what_it_built(fake_trt: ft.FakeState, models: dict[
     assert (tmp_path / "m.engine").is_file()
 
 
-def test_build_engine_refuses_static_and_edited(fake_trt: ft.FakeState, models: dict[str, Path], tmp_path: Path) -> None:
+def test_build_engine_refuses_static_and_edited(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
     for kind in ("static", "edited"):
-        res = run("build-engine", models[kind], "-o", tmp_path / f"{kind}.engine")
+        res = run("build-engine", batch_models[kind], "-o", tmp_path / f"{kind}.engine")
         one_error_line(res, "static batch 1", "dynamic_axes")
         assert not (tmp_path / f"{kind}.engine").exists()
     assert fake_trt.builds == []
 
 
-def test_build_engine_without_tensorrt(monkeypatch: pytest.MonkeyPatch, models: dict[str, Path], tmp_path: Path) -> None:
+def test_build_engine_without_tensorrt(monkeypatch: pytest.MonkeyPatch, batch_models: dict[str, Path], tmp_path: Path) -> None:
     ft.install(monkeypatch, tensorrt=False)
-    one_error_line(run("build-engine", models["dynamic"]), "pip install tensorrt")
+    one_error_line(run("build-engine", batch_models["dynamic"]), "pip install tensorrt")
 
 
-def test_build_engine_plan_with_sidecar(fake_trt: ft.FakeState, models: dict[str, Path], tmp_path: Path) -> None:
-    res = run("build-engine", models["dynamic"], "-o", tmp_path / "m.plan")
+def test_build_engine_plan_with_sidecar(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:
+    res = run("build-engine", batch_models["dynamic"], "-o", tmp_path / "m.plan")
     assert res.exit_code == 0 and "metadata in m.plan.json" in res.stdout
 
 

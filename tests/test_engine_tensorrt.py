@@ -22,12 +22,6 @@ from rs_detect.errors import EngineUnavailableError, ModelError
 from rs_detect.export import write_engine_file
 
 
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> ft.FakeState:
-    """The fake TensorRT and pycuda (tests/fake_tensorrt.py), pycuda memory path."""
-    return ft.install_pycuda_path(monkeypatch)
-
-
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("trt")

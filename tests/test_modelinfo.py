@@ -18,16 +18,11 @@ from rs_detect.modelinfo import compare_batch_runs, inspect_model, scan_baked_ba
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(batch_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared dynamic/static/edited exports, plus a static export at batch 4 and its edited twin."""
     d = tmp_path_factory.mktemp("modelinfo")
-    out = {
-        "dynamic": mini_onnx(d / "dynamic.onnx"),
-        "static": mini_onnx(d / "static.onnx", dynamic=False),
-        "static4": mini_onnx(d / "static4.onnx", dynamic=False, batch=4),
-    }
-    out["edited"] = edit_batch_dims(out["static"], d / "edited.onnx")
-    out["edited4"] = edit_batch_dims(out["static4"], d / "edited4.onnx")
-    return out
+    static4 = mini_onnx(d / "static4.onnx", dynamic=False, batch=4)
+    return {**batch_models, "static4": static4, "edited4": edit_batch_dims(static4, d / "edited4.onnx")}
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 
 import geopandas as gpd
@@ -18,6 +17,7 @@ from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
 from rs_detect.errors import OutputError
+from rs_detect.export import export_torch_module_onnx
 from rs_detect.io.reader import ScaleConfig
 from rs_detect.pipeline import SceneResult
 from rs_detect.postprocess.geometry import obb_corners
@@ -254,21 +254,7 @@ class OnePlane(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def one_plane_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import onnx
-
-    path = tmp_path_factory.mktemp("model") / "oneplane.onnx"
-    with warnings.catch_warnings():  # the legacy exporter is the one that honours dynamic_axes here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(OnePlane().eval(), (torch.zeros(1, 1, S, S),), str(path), input_names=["images"],
-                          output_names=["output0"], dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}},
-                          dynamo=False, opset_version=17)
-    model = onnx.load(str(path))
-    for k, v in {"names": str(dict(enumerate(DOTA_CLASSES))), "imgsz": str([S, S]), "task": "detect",
-                 "stride": "32", "channels": "1"}.items():
-        prop = model.metadata_props.add()
-        prop.key, prop.value = k, v
-    onnx.save(model, str(path))
-    return path
+    return export_torch_module_onnx(OnePlane(), tmp_path_factory.mktemp("model") / "oneplane.onnx", S, 1, DOTA_CLASSES)
 
 
 def run_detect(args: list[str]) -> object:
