@@ -348,7 +348,7 @@ def get_pipeline(spec: WorkerSpec) -> ScenePipeline:
         if spec.threads and backend_for(path) == "onnxruntime":
             kwargs["threads"] = spec.threads
         engine = load_engine(path, device=str(cfg.device), model_yaml=model_yaml, **kwargs)
-        pipeline = ScenePipeline(engine, cfg, path)
+        pipeline = ScenePipeline(engine, cfg, path, model_sha256=spec.identity.model_sha256)  # just verified
         _PIPELINES[key] = pipeline
         while len(_PIPELINES) > _PIPELINES_MAX:
             _, old = _PIPELINES.popitem(last=False)

@@ -76,7 +76,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 class ScenePipeline:
     """Runs scenes through one loaded engine (load once, run many)."""
 
-    def __init__(self, engine: Engine, config: Config, model_path: Path | None = None) -> None:
+    def __init__(self, engine: Engine, config: Config, model_path: Path | None = None, model_sha256: str | None = None) -> None:
         self.engine = engine
         self.config = config
         self.meta = engine.meta
@@ -94,7 +94,9 @@ class ScenePipeline:
         if not self.meta.dynamic_batch:
             self.batch_size = self.meta.max_batch
         self._side_stream: torch.cuda.Stream | None = None
-        self._model_hash = file_sha256(model_path) if model_path and model_path.is_file() else None
+        if model_sha256 is None and model_path and model_path.is_file():
+            model_sha256 = file_sha256(model_path)
+        self._model_hash = model_sha256
 
     # -- stages ------------------------------------------------------------------------------------
 
