@@ -54,6 +54,21 @@ def tif_factory(tmp_path: Path):
     return make
 
 
+def one_error_line(res, *needles: str, outputs: tuple[Path, ...] = ()) -> str:
+    """A CLI failure as users must see it: exit 1, exactly one ``error:`` line naming ``needles``,
+    no traceback, and none of ``outputs`` (nor a temporary file of theirs) left behind."""
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    for p in outputs:
+        assert not p.exists()
+        assert not list(p.parent.glob(f".{p.stem}.*tmp*"))
+    return lines[0]
+
+
 # -- planted objects and the fake engine ------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import export_tiny_onnx, write_tif
+from conftest import export_tiny_onnx, one_error_line, write_tif
 from rs_detect.cli import cli
 from rs_detect.io.writer import read_metadata
 
@@ -30,18 +30,6 @@ def bright_squares(h: int = 150, w: int = 200) -> np.ndarray:
 @pytest.fixture
 def scene(tmp_path: Path) -> Path:
     return write_tif(tmp_path / "scene.tif", bright_squares())
-
-
-def assert_clean_failure(res: Result, *needles: str, outputs: tuple[Path, ...] = ()) -> None:
-    assert res.exit_code == 1, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    for p in outputs:
-        assert not p.exists()
-        assert not list(p.parent.glob(f".{p.stem}.*tmp*"))
 
 
 def test_default_command_writes_geojson_beside_the_scene(scene: Path, tiny_onnx: Path) -> None:
@@ -110,13 +98,13 @@ def test_help_and_usage_errors() -> None:
 
 
 def test_missing_scene(tmp_path: Path, tiny_onnx: Path) -> None:
-    assert_clean_failure(run(tmp_path / "nope.tif", "--model", tiny_onnx), "nope.tif", "no such file", outputs=(tmp_path / "nope.geojson",))
+    one_error_line(run(tmp_path / "nope.tif", "--model", tiny_onnx), "nope.tif", "no such file", outputs=(tmp_path / "nope.geojson",))
 
 
 def test_not_a_raster(tmp_path: Path, tiny_onnx: Path) -> None:
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a raster\n")
-    assert_clean_failure(run(bad, "--model", tiny_onnx, *TILE), "notes.tif", "not a readable raster", outputs=(tmp_path / "notes.geojson",))
+    one_error_line(run(bad, "--model", tiny_onnx, *TILE), "notes.tif", "not a readable raster", outputs=(tmp_path / "notes.geojson",))
 
 
 def test_truncated_tiff(tmp_path: Path, tiny_onnx: Path) -> None:
@@ -124,45 +112,45 @@ def test_truncated_tiff(tmp_path: Path, tiny_onnx: Path) -> None:
     good = write_tif(tmp_path / "trunc.tif", rng.integers(0, 255, (600, 600), dtype=np.uint8))
     data = good.read_bytes()
     good.write_bytes(data[: len(data) // 2])
-    assert_clean_failure(run(good, "--model", tiny_onnx, *TILE), "trunc.tif", outputs=(tmp_path / "trunc.geojson",))
+    one_error_line(run(good, "--model", tiny_onnx, *TILE), "trunc.tif", outputs=(tmp_path / "trunc.geojson",))
 
 
 def test_band_out_of_range(scene: Path, tiny_onnx: Path) -> None:
-    assert_clean_failure(run(scene, "--model", tiny_onnx, *TILE, "--bands", "3"), "scene.tif", "band 3 out of range", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "--bands", "3"), "scene.tif", "band 3 out of range", outputs=(scene.with_suffix(".geojson"),))
 
 
 def test_model_missing_or_not_a_model(scene: Path, tmp_path: Path) -> None:
-    assert_clean_failure(run(scene, "--model", tmp_path / "missing.onnx"), "missing.onnx", "not found")
+    one_error_line(run(scene, "--model", tmp_path / "missing.onnx"), "missing.onnx", "not found")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage" * 10)
-    assert_clean_failure(run(scene, "--model", junk), "junk.onnx", "not a loadable ONNX model", outputs=(scene.with_suffix(".geojson"),))
-    assert_clean_failure(run(scene, "--model", tmp_path / "m.xyz"), "unknown model format")
+    one_error_line(run(scene, "--model", junk), "junk.onnx", "not a loadable ONNX model", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", tmp_path / "m.xyz"), "unknown model format")
 
 
 def test_channel_mismatch(tmp_path: Path, tiny_onnx: Path) -> None:
     rgb = write_tif(tmp_path / "rgb.tif", np.zeros((3, 100, 100), dtype=np.uint8))
-    assert_clean_failure(run(rgb, "--model", tiny_onnx, *TILE, "--bands", "1,2"), "--bands gives 2 band(s) but the model takes 1 channel(s)")
+    one_error_line(run(rgb, "--model", tiny_onnx, *TILE, "--bands", "1,2"), "--bands gives 2 band(s) but the model takes 1 channel(s)")
     three = export_tiny_onnx(tmp_path / "three.onnx", imgsz=64, channels=3)
     gray = write_tif(tmp_path / "gray2.tif", np.zeros((2, 100, 100), dtype=np.uint8))
-    assert_clean_failure(run(gray, "--model", three, *TILE, "--bands", "1,2"), "the model takes 3 channel(s)")
+    one_error_line(run(gray, "--model", three, *TILE, "--bands", "1,2"), "the model takes 3 channel(s)")
     # a model YAML that contradicts the model's input is refused
     (tmp_path / "tiny3.yaml").write_text("channels: 3\n")
     tiny3 = tmp_path / "tiny3.onnx"
     tiny3.write_bytes(tiny_onnx.read_bytes())
-    assert_clean_failure(run(gray, "--model", tiny3, *TILE), "1 channel(s) but its metadata/YAML says 3")
+    one_error_line(run(gray, "--model", tiny3, *TILE), "1 channel(s) but its metadata/YAML says 3")
 
 
 def test_unwritable_output(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None:
-    assert_clean_failure(run(scene, "--model", tiny_onnx, *TILE, "-o", tmp_path / "no" / "dir" / "o.geojson"), "does not exist")
+    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "-o", tmp_path / "no" / "dir" / "o.geojson"), "does not exist")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_clean_failure(run(scene, "--model", tiny_onnx, *TILE, "-o", blocker / "o.geojson"), "o.geojson")
-    assert_clean_failure(run(scene, "--model", tiny_onnx, *TILE, "-o", tmp_path / "o.shp"), "unknown output format")
+    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "-o", blocker / "o.geojson"), "o.geojson")
+    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "-o", tmp_path / "o.shp"), "unknown output format")
 
 
 def test_unknown_config_key(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("overlap: 16\nconfidence: 0.3\n")
-    assert_clean_failure(run(scene, "--model", tiny_onnx, "--config", cfg), "bad.yaml", "unknown config key 'confidence'", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "bad.yaml", "unknown config key 'confidence'", outputs=(scene.with_suffix(".geojson"),))
     cfg.write_text("scale: {method: fixed, lo: 1}\n")
-    assert_clean_failure(run(scene, "--model", tiny_onnx, "--config", cfg), "scale.lo")
+    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "scale.lo")

@@ -13,21 +13,12 @@ import pytest
 from click.testing import CliRunner, Result
 from fake_tensorrt import mini_onnx
 
-from conftest import export_tiny_onnx, write_tif
+from conftest import export_tiny_onnx, one_error_line, write_tif
 from rs_detect.cli import cli
 
 
 def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error_line(res: Result, *needles: str) -> str:
-    assert res.exit_code == 1, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 # -- inspect --------------------------------------------------------------------------------------------
