@@ -16,6 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import rasterio
 import torch
 from tqdm import tqdm
 
@@ -31,10 +33,11 @@ from rs_detect.config import Config
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
-from rs_detect.io.reader import RasterSource
+from rs_detect.io.reader import USER_CACHEMAX, RasterSource
 from rs_detect.io.prefetch import RawBatch, RawTile, RowBandReads, assemble, in_background, window_batches
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
+from rs_detect.memory import HeapTrimmer
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
 from rs_detect.postprocess.stitch import merge, to_scene
@@ -137,6 +140,11 @@ class ScenePipeline:
         kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
         return to_scene(kept, tiles, self.config.edge_margin).to("cpu")
 
+    def _block_cache(self, src: RasterSource) -> Any:
+        """GDAL's block cache sized so overlapping windows share decoded blocks (unless the user set it)."""
+        size = None if USER_CACHEMAX else src.block_cache_bytes(self.tile_size)
+        return rasterio.Env(GDAL_CACHEMAX=size) if size else nullcontext()
+
     # -- the scene ---------------------------------------------------------------------------------
 
     def run(self, scene: Path, output: Path | None = None, progress: bool = False) -> SceneResult:
@@ -164,7 +172,8 @@ class ScenePipeline:
                 bar.update(n)
                 bar.set_postfix(detections=stats.detections_raw, refresh=False)
 
-            with bar, ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
+            trim = HeapTrimmer()
+            with bar, self._block_cache(src), ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
                     ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
                 t_wait = time.perf_counter()
                 for item in self._raw_batches(src, tiles, pool):
@@ -185,6 +194,7 @@ class ScenePipeline:
                     pending.append((post.submit(self._postprocess, raw, item.tiles, stats, ready), item.size))
                     while len(pending) > cfg.prefetch:
                         collect()
+                    trim()
                     t_wait = time.perf_counter()
                 while pending:
                     collect()

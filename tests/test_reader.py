@@ -124,3 +124,113 @@ def test_all_nodata_tiles_are_skipped_and_counted(tmp_path: Path) -> None:
     result = ScenePipeline(FakeEngine(256), Config(tile_size=256, overlap=32)).run(write_tif(tmp_path / "nd.tif", img, nodata=0))
     assert result.stats.tiles_total == 9
     assert result.stats.tiles_read == 1 and result.stats.tiles_skipped == 8
+
+
+def test_stretch_sample_windows_decode_one_block_each_and_match_the_scene(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    img = (rng.gamma(2.0, 400.0, (2600, 3000)) + 300).clip(0, 65535).astype(np.uint16)
+    for layout in ({"tiled": True}, {"tiled": False, "blockysize": 8}):
+        src = RasterSource(write_tif(tmp_path / f"s{len(layout)}.tif", img, **layout))
+        jobs = src._sample_bands()
+        bh, bw = src.block_shapes[0]
+        assert len(jobs) == 8 and all(len(cols) == 8 for _, _, cols in jobs)
+        for y, h, cols in jobs:
+            assert y // bh == (y + h - 1) // bh or src.is_striped  # one row of blocks per window
+            for x, w in cols:
+                assert src.is_striped or x // bw == (x + w - 1) // bw  # one block per window
+                assert 0 <= x and x + w <= src.width and 0 <= y and y + h <= src.height
+        lo, hi = np.percentile(img, (2, 98))
+        assert src.scale.low == pytest.approx(lo, rel=0.03) and src.scale.high == pytest.approx(hi, rel=0.03)
+        src.close()
+
+
+def test_block_cache_covers_a_tile_row_of_blocks_and_is_bounded(tmp_path: Path) -> None:
+    tiled = RasterSource(write_tif(tmp_path / "t.tif", np.zeros((300, 40000), dtype=np.uint16), blockxsize=512, blockysize=512))
+    # (1024 + 2 * 512) rows x 40000 columns x 2 bytes, plus a quarter for LRU slack
+    assert tiled.block_cache_bytes(1024) == 2048 * 40000 * 2 * 5 // 4
+    small = RasterSource(write_tif(tmp_path / "small.tif", np.zeros((300, 300), dtype=np.uint8)))
+    assert small.block_cache_bytes(1024) == 32 << 20  # never below GDAL's working minimum
+    striped = RasterSource(write_tif(tmp_path / "s.tif", np.zeros((300, 4000), dtype=np.uint8), tiled=False))
+    assert striped.block_cache_bytes(1024) is None  # row bands decode each strip once anyway
+
+
+def test_pipeline_raises_gdal_block_cache_while_reading_and_restores_it(tmp_path: Path) -> None:
+    path = write_tif(tmp_path / "t.tif", paint((600, 700), planted_grid()))
+    seen: list[str | None] = []
+
+    class Spy(FakeEngine):
+        def _infer(self, images):  # type: ignore[no-untyped-def]
+            seen.append(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
+            return super()._infer(images)
+
+    before = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    ScenePipeline(Spy(256), Config(tile_size=256, overlap=32)).run(path)
+    assert seen and all(int(v) == 32 << 20 for v in seen)
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == before
+
+
+def test_slots_are_filled_whole_from_uninitialised_memory(tmp_path: Path) -> None:
+    from rs_detect.io.prefetch import _fill
+
+    rng = np.random.default_rng(5)
+    for shape in ((300, 400), (200, 400)):  # full tiles; tiles padded below (the scene is shorter than a tile)
+        img = rng.integers(1, 255, shape, dtype=np.uint8)
+        src = RasterSource(write_tif(tmp_path / f"t{shape[0]}.tif", img))
+        tile = next(iter_tiles(400, shape[0], 256, 32))
+        data = np.full((1, 256, 256), 77, dtype=np.uint8)  # garbage, as torch.empty leaves it
+        valid = np.ones((256, 256), dtype=bool)
+        empty, needs_mask = _fill(src, tile, data, valid)
+        h, w = tile.height, tile.width
+        np.testing.assert_array_equal(data[0, :h, :w], img[:h, :w])
+        assert not empty
+        if h == 256:
+            assert not needs_mask
+        else:
+            assert needs_mask and h == 200 and not data[0, h:, :].any()
+            assert valid[:h, :w].all() and not valid[h:, :].any()
+        src.close()
+
+
+def test_full_tiles_decode_into_the_callers_buffer(tmp_path: Path) -> None:
+    img = np.arange(300 * 400, dtype=np.uint16).reshape(300, 400)
+    src = RasterSource(write_tif(tmp_path / "t.tif", img))
+    tile = next(iter_tiles(400, 300, 256, 32))
+    buf = np.empty((1, 256, 256), dtype=np.uint16)
+    raw, _ = src.read_raw(tile.window, out=buf)
+    assert raw is buf and np.array_equal(buf[0], img[:256, :256])
+    wrong = np.empty((1, 256, 256), dtype=np.uint8)  # not the file's dtype: read into a new array
+    raw, _ = src.read_raw(tile.window, out=wrong)
+    assert raw is not wrong and raw.dtype == np.uint16
+
+
+def test_heap_trimmer_trims_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rs_detect import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "_TRIM", lambda pad: calls.append(pad) or 1)
+    slow = memory.HeapTrimmer(every_s=3600)
+    for _ in range(5):
+        slow()
+    assert calls == [] and slow.trims == 0
+    eager = memory.HeapTrimmer(every_s=0.0)
+    for _ in range(3):
+        eager()
+    assert calls == [0, 0, 0] and eager.trims == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_upload_stream_gives_the_cpu_input(tmp_path: Path) -> None:
+    """The upload/scaling stream hands the engine's stream the same input the CPU path computes."""
+    rng = np.random.default_rng(9)
+    img = rng.integers(300, 3800, (700, 900)).astype(np.uint16)
+    img[:100, :100] = 0
+    src = RasterSource(write_tif(tmp_path / "u16.tif", img, nodata=0))
+    cpu = Normalizer(src, torch.device("cpu"), torch.float32)
+    gpu = Normalizer(src, torch.device("cuda"), torch.float16)
+    with ThreadPoolExecutor(2) as pool:
+        batches = list(window_batches(src, iter_tiles(900, 700, 256, 32), pool, 4, 256, pin=True, depth=2))
+    outs = [gpu(b) for b in batches]  # all queued before any is read back
+    for b, out in zip(batches, outs):
+        assert out.dtype == torch.float16 and out.device.type == "cuda"
+        np.testing.assert_allclose(out.float().cpu().numpy(), cpu(b).numpy(), atol=1e-3)

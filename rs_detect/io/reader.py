@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,9 +46,15 @@ from rs_detect.types import ScaleInfo
 log = logging.getLogger(__name__)
 
 # GDAL caches decoded blocks up to 5 % of RAM by default: on a 24 GiB machine that is over 1 GiB of
-# resident memory that grows with the scene until the cap. A band of windows needs far less; the
-# user's own setting wins.
+# resident memory that grows with the scene until the cap. Idle, we keep it small; while a tiled scene
+# is read, the pipeline raises it to what neighbouring windows need to share their blocks
+# (RasterSource.block_cache_bytes). A GDAL_CACHEMAX the user set is never overridden.
+USER_CACHEMAX = "GDAL_CACHEMAX" in os.environ
 os.environ.setdefault("GDAL_CACHEMAX", "16")
+MIN_BLOCK_CACHE = 32 << 20
+MAX_BLOCK_CACHE = 1 << 30
+STATS_GRID = 8  # sample windows per axis for the percentile stretch
+STATS_WINDOW = 256
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -230,18 +237,44 @@ class RasterSource:
                 shape = (len(self.plan.indexes), max(1, self.height // f), max(1, self.width // f))
                 arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=True)
                 return self._valid_values(arr)
-            parts = []
-            n = 8
-            size = 256
-            for gy in range(n):
-                for gx in range(n):
-                    x = int((self.width - size) * (gx + 0.5) / n)
-                    y = int((self.height - size) * (gy + 0.5) / n)
-                    w = Window(x, y, min(size, self.width), min(size, self.height))
-                    parts.append(self._valid_values(ds.read(self.plan.indexes, window=w, masked=True)))
-            return np.concatenate(parts)
+            jobs = self._sample_bands()
+            with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, 8), thread_name_prefix="rs-stats") as pool:
+                parts = list(pool.map(self._sample_band, jobs))
+            return np.concatenate([p for band in parts for p in band])
         except RasterioError as exc:
             raise InputError(f"{self.path}: read failed while measuring the scene's value range ({_one_line(exc)})") from None
+
+    def _sample_bands(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
+        """The sample grid as (row_off, height, [(col_off, width), ...]) per grid row, snapped to blocks.
+
+        Each window slides back to lie inside the block it starts in, so it decodes one block, not up to
+        four; on a striped file one full-width read per grid row decodes its strips once for all of
+        the row's windows.
+        """
+        bh, bw = self.block_shapes[0]
+        size_y, size_x = min(STATS_WINDOW, self.height), min(STATS_WINDOW, self.width)
+        striped = self.is_striped
+
+        def starts(length: int, size: int, block: int) -> list[int]:
+            out = []
+            for g in range(STATS_GRID):
+                pos = int((length - size) * (g + 0.5) / STATS_GRID)
+                if size <= block < length:  # slide back inside its block, keeping the offset within it
+                    pos = min(pos // block * block + min(pos % block, block - size), length - size)
+                out.append(pos)
+            return sorted(set(out))
+
+        cols = [(x, size_x) for x in starts(self.width, size_x, bw if not striped else self.width)]
+        return [(y, size_y, cols) for y in starts(self.height, size_y, bh)]
+
+    def _sample_band(self, job: tuple[int, int, list[tuple[int, int]]]) -> list[np.ndarray]:
+        """One grid row of sample windows (in a worker thread, on that thread's own dataset handle)."""
+        y, h, cols = job
+        ds = self._dataset()
+        if self.is_striped:
+            band = ds.read(self.plan.indexes, window=Window(0, y, self.width, h), masked=True)
+            return [self._valid_values(band[:, :, x : x + w]) for x, w in cols]
+        return [self._valid_values(ds.read(self.plan.indexes, window=Window(x, y, w, h), masked=True)) for x, w in cols]
 
     def _valid_values(self, arr: np.ma.MaskedArray) -> np.ndarray:
         data = np.ma.getdata(arr).astype(np.float32)
@@ -273,15 +306,35 @@ class RasterSource:
         block_h, block_w = self.block_shapes[0]
         return block_w >= self.width and self.width > 1
 
-    def read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+    def block_cache_bytes(self, tile_size: int) -> int | None:
+        """GDAL block cache that lets overlapping windows share decoded blocks; None where it does not help.
+
+        A tile row of a tiled file touches ``tile_size / block_height + 1`` rows of blocks, and the next
+        tile row starts inside the last of them. With room for those rows plus one (and some slack for
+        LRU order), every block is decoded once instead of about twice; with GDAL's small idle cache
+        each shared block is decoded again. The size depends on the scene's width, capped at 1 GiB.
+        Striped files return None: their row bands are decoded once anyway.
+        """
+        if self.is_striped:
+            return None
+        block_h = self.block_shapes[0][0]
+        need = (tile_size + 2 * block_h) * self.width * self.count * self.dtype.itemsize * 5 // 4
+        return int(min(max(need, MIN_BLOCK_CACHE), MAX_BLOCK_CACHE))
+
+    def read_raw(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw bands [B, h, w] in the file's dtype, and the valid-pixel mask [h, w] (None: all valid).
 
         Scaling happens later, on the engine's device (see :mod:`rs_detect.preprocess`), so the reader
-        only decodes: the cheapest work per pixel that the CPU has to do.
+        only decodes: the cheapest work per pixel that the CPU has to do. ``out``, when it is a
+        C-contiguous [B, h, w] array of the file's dtype (a full tile's batch slot), receives the pixels
+        directly: no temporary tile, no second copy.
         """
         ds = self._dataset()
+        shape = (len(self.plan.indexes), int(window.height), int(window.width))
+        if out is not None and not (out.shape == shape and out.dtype == self.dtype and out.flags.c_contiguous):
+            out = None
         try:
-            raw = ds.read(self.plan.indexes, window=window)
+            raw = ds.read(self.plan.indexes, window=window, out=out)
             valid = None
             if self.has_mask:
                 valid = ds.read_masks(self.plan.indexes[0], window=window) != 0
