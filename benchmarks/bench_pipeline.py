@@ -174,8 +174,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from rs_detect.pipeline import ScenePipeline
 
     scene = Path(args.scene)
-    if args.no_jit_profiling:  # the legacy TorchScript executor: no per-shape profiling and re-specialisation
-        torch._C._jit_set_profiling_executor(False)
+    if args.jit_profiling:  # TorchScriptEngine turns the profiling executor off; this measures it on again
+        import rs_detect.engines.torch as ts
+
+        ts.use_simple_executor = lambda: torch._C._jit_set_profiling_executor(True)
     if args.model == "null":
         engine: Engine = NullEngine()
     elif args.seed_style:
@@ -196,7 +198,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     e2e = tiles / seconds
     return {
         "scene": scene.name, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
-        "batch": pipe.batch_size, "jit_profiling": not args.no_jit_profiling, "tiles": tiles, "seconds": round(seconds, 3),
+        "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "tiles": tiles, "seconds": round(seconds, 3),
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
         "gpu_util": gpu.mean, "detections": len(result.detections),
@@ -211,7 +213,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
         cmd = [sys.executable, __file__, "one", "--scene", scene, "--model", args.model, "--device", args.device,
                "--batch", str(args.batch), "--threads", str(args.threads), "--prefetch", str(args.prefetch),
                "--engine-iters", str(args.engine_iters)] + (["--seed-style"] if seed else []) + (["--warmup"] if args.warmup else []) \
-            + (["--no-jit-profiling"] if getattr(args, "no_jit_profiling", False) else [])
+            + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -269,7 +271,7 @@ def main() -> None:
         p.add_argument("--prefetch", type=int, default=3)
         p.add_argument("--engine-iters", type=int, default=30)
         p.add_argument("--warmup", action="store_true")
-        p.add_argument("--no-jit-profiling", action="store_true")
+        p.add_argument("--jit-profiling", action="store_true", help="TorchScript's profiling executor back on (off by default)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
@@ -299,7 +301,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         scenes = [str(write_scene(args.out / f"mem_{s}.tif", int(s), "uint8", "tiled", "deflate")) for s in args.sizes.split(",")]
         ns = argparse.Namespace(model="null", device="cpu", batch=8, threads=2, prefetch=2, engine_iters=0, scenes=scenes,
-                                seed_baseline=None, warmup=False, no_jit_profiling=False)
+                                seed_baseline=None, warmup=False, jit_profiling=False)
         write_outputs(run_many(ns), None, None, "memory")
 
 
