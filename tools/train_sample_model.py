@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
     p.add_argument("--tasks", default="detect,obb", help="comma-separated subset of detect,obb")
+    p.add_argument("--init-detect", type=Path, help="fine-tune from this detect checkpoint (best.pt) instead of from scratch")
+    p.add_argument("--init-obb", type=Path, help="fine-tune from this OBB checkpoint (best.pt) instead of from scratch")
     p.add_argument(
         "--amp",
         choices=("auto", "bf16", "off"),
@@ -81,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in ("detect", "obb"):
+        init = getattr(args, f"init_{task}")
+        if init is not None and not init.is_file():
+            p.error(f"--init-{task} {init}: no such checkpoint")
     if not args.tasks or set(args.tasks) - set(TASKS):
         p.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}")
     if args.imgsz % 32 or args.imgsz < 64:
@@ -167,7 +173,10 @@ def amp_setting(args: argparse.Namespace) -> str | bool:
 def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
     from ultralytics import YOLO
 
-    model = YOLO(MODEL_YAML[task])  # architecture from YAML: random weights, nothing downloaded
+    init = getattr(args, f"init_{task}")
+    # from scratch: the architecture from its YAML, random weights, nothing downloaded; or a checkpoint
+    # of an earlier run of this script (its weights; epochs and optimiser start afresh)
+    model = YOLO(str(init) if init else MODEL_YAML[task])
     model.train(
         data=str(data_yaml),
         epochs=args.epochs,
@@ -314,7 +323,9 @@ def run_task(task: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     final = args.out / ONNX_NAME[task]
     shutil.copyfile(onnx_path, final)
     print(f"{task}: {final} mAP50 plane {metrics['plane_mAP50']:.3f} ship {metrics['ship_mAP50']:.3f}", flush=True)
+    init = getattr(args, f"init_{task}")
     return {"onnx": final.name, "sha256": sha256(final), "bytes": final.stat().st_size, "best_pt": str(best),
+            "init": {"path": str(init), "sha256": sha256(init)} if init else None,
             "metrics": metrics, "onnx_check": check, "timings": timings}
 
 
