@@ -186,7 +186,7 @@ def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
         workers=args.workers,
         seed=args.seed,
         deterministic=True,
-        pretrained=False,
+        pretrained=bool(init),  # Ultralytics drops a checkpoint's weights when this is False
         amp=amp_setting(args),
         cache=False if args.cache == "none" else args.cache,
         plots=False,
