@@ -43,6 +43,8 @@ class Config:
     scale: ScaleConfig = ScaleConfig()
     merge_iou: float = 0.5
     merge_ios: float = 0.6
+    exclusive_classes: tuple[str, ...] = ("plane", "ship")  # never nest: the lower-scoring nested box goes; () disables
+    exclusive_ios: float = 0.7
     edge_margin: float = 3.0
     nodata_fill: float = 0.0
     read_threads: int = 4
@@ -57,7 +59,7 @@ class Config:
         check(self.tile_size is None or self.tile_size >= 32, f"tile_size must be >= 32, got {self.tile_size}")
         check(self.tile_size is None or self.overlap < self.tile_size, f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("conf", "iou", "merge_iou", "merge_ios"):
+        for name in ("conf", "iou", "merge_iou", "merge_ios", "exclusive_ios"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -99,7 +101,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: scale.method must be auto, percentile or fixed, got {method!r}")
         pct = tuple(float(p) for p in value.get("percentiles", (2.0, 98.0)))
         return ScaleConfig(method=method, low=value.get("low"), high=value.get("high"), percentiles=pct)  # type: ignore[arg-type]
-    if key in ("classes", "bands") and value is not None:
+    if key in ("classes", "bands", "exclusive_classes") and value is not None:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         return tuple(int(v) for v in value) if key == "bands" else tuple(str(v) for v in value)

@@ -40,7 +40,7 @@ from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
-from rs_detect.postprocess.stitch import merge, to_scene
+from rs_detect.postprocess.stitch import merge, suppress_nested, to_scene
 from rs_detect.preprocess import Normalizer
 from rs_detect.types import Detections, RunStats, Tile
 
@@ -87,6 +87,7 @@ class ScenePipeline:
         #: the confidence threshold in force: the user's, else the model's own, else 0.25
         self.conf = config.conf if config.conf is not None else (self.meta.conf if self.meta.conf is not None else 0.25)
         self.params = DecodeParams.build(self.meta, self.conf, config.conf_by_class, config.classes)
+        self.exclusive_ids = self._exclusive_ids(config.exclusive_classes)
         self.tile_size = config.tile_size or self.meta.imgsz
         if self.tile_size > self.meta.imgsz:
             raise ConfigError(f"tile size {self.tile_size} is larger than the model input {self.meta.imgsz}")
@@ -100,6 +101,14 @@ class ScenePipeline:
         if model_sha256 is None and model_path and model_path.is_file():
             model_sha256 = file_sha256(model_path)
         self._model_hash = model_sha256
+
+    def _exclusive_ids(self, classes: tuple[str, ...] | None) -> tuple[int, ...]:
+        """Class ids of ``exclusive_classes`` (names checked against the model's, as for ``classes``)."""
+        names = list(self.meta.names)
+        unknown = [c for c in classes or () if c not in names]
+        if unknown:
+            raise ConfigError(f"exclusive_classes: unknown class {unknown[0]!r} (model classes: {', '.join(names)}; [] disables the step)")
+        return tuple(sorted({names.index(c) for c in classes or ()}))
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -200,6 +209,7 @@ class ScenePipeline:
                     collect()
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
+            merged = suppress_nested(merged, self.exclusive_ids, cfg.exclusive_ios)
             frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name)
             frame = to_output_crs(frame, cfg.crs, scene.name)
             stats.add_time("stitch", time.perf_counter() - t0)
@@ -241,5 +251,7 @@ class ScenePipeline:
             "iou": cfg.iou,
             "merge_iou": cfg.merge_iou,
             "merge_ios": cfg.merge_ios,
+            "exclusive_classes": list(cfg.exclusive_classes or ()),
+            "exclusive_ios": cfg.exclusive_ios,
             "class_filter": list(cfg.classes) if cfg.classes else None,
         }

@@ -154,3 +154,26 @@ def test_unknown_config_key(scene: Path, tiny_onnx: Path, tmp_path: Path) -> Non
     one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "bad.yaml", "unknown config key 'confidence'", outputs=(scene.with_suffix(".geojson"),))
     cfg.write_text("scale: {method: fixed, lo: 1}\n")
     one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "scale.lo")
+
+
+def test_exclusive_classes_config(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    from rs_detect.config import load_config
+
+    cfg = tmp_path / "ex.yaml"
+    cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_ios: 1.5\n")
+    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "exclusive_ios must be in [0, 1], got 1.5",
+                   outputs=(scene.with_suffix(".geojson"),))
+    cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_classes: [plane, boat]\n")
+    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "exclusive_classes: unknown class 'boat'", "model classes: plane, ship",
+                   outputs=(scene.with_suffix(".geojson"),))
+    out = tmp_path / "ex.geojson"
+    cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_classes: []\n")
+    res = run(scene, "--model", tiny_onnx, "--config", cfg, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert read_metadata(out)["exclusive_classes"] == []  # disabled
+    assert len(json.loads(out.read_text())["features"]) >= 2
+    # a comma-separated string is a list, as for classes; the default is plane and ship
+    cfg.write_text("exclusive_classes: 'ship, harbor'\nexclusive_ios: 0.8\n")
+    loaded = load_config(cfg)
+    assert loaded.exclusive_classes == ("ship", "harbor") and loaded.exclusive_ios == 0.8
+    assert load_config().exclusive_classes == ("plane", "ship") and load_config().exclusive_ios == 0.7

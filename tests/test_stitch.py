@@ -14,7 +14,9 @@ import torch
 from conftest import FakeEngine, Planted, paint, write_tif
 from rs_detect.config import Config
 from rs_detect.pipeline import ScenePipeline
-from rs_detect.postprocess.stitch import merge, to_scene
+from rs_detect import DOTA_CLASSES
+from rs_detect.postprocess.geometry import obb_corners
+from rs_detect.postprocess.stitch import merge, suppress_nested, to_scene
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.types import Detections
 
@@ -131,3 +133,122 @@ def test_same_objects_same_result_wherever_the_grid_falls(tmp_path: Path, shift:
     objects = [Planted(o.code, o.cx + shift, o.cy + shift, o.w, o.h) for o in planted_hbb()[:-2]]
     _, dets = run_scene(tmp_path, objects, "detect")
     match(objects, dets, min_iou=0.97)
+
+
+# -- suppress_nested: mutually exclusive classes never nest ------------------------------------------
+
+PLANE, SHIP, HARBOR = (DOTA_CLASSES.index(c) for c in ("plane", "ship", "harbor"))
+EXCLUSIVE = {PLANE, SHIP}
+
+
+def scene_dets(boxes: list[list[float]], scores: list[float], classes: list[int], task: str = "detect") -> Detections:
+    n = len(scores)
+    width = 5 if task == "obb" else 4
+    return Detections(torch.tensor(boxes, dtype=torch.float32).reshape(n, width), torch.tensor(scores, dtype=torch.float32),
+                      torch.tensor(classes, dtype=torch.int64), torch.arange(n), task, "scene",  # type: ignore[arg-type]
+                      torch.zeros(n, dtype=torch.bool))
+
+
+def kept(dets: Detections) -> list[tuple[int, float]]:
+    return list(zip(dets.class_ids.tolist(), [round(s, 3) for s in dets.scores.tolist()]))
+
+
+PLANE_BOX = [100.0, 100.0, 200.0, 180.0]
+WING_BOX = [150.0, 120.0, 190.0, 150.0]  # wholly inside the plane
+
+
+def test_a_ship_inside_a_higher_scoring_plane_is_removed() -> None:
+    far_ship = [400.0, 400.0, 440.0, 420.0]
+    dets = scene_dets([far_ship, PLANE_BOX, WING_BOX], [0.5, 0.9, 0.6], [SHIP, PLANE, SHIP])
+    out = suppress_nested(dets, EXCLUSIVE)
+    assert kept(out) == [(SHIP, 0.5), (PLANE, 0.9)]  # the original order of the kept ones
+    assert out.boxes.tolist() == [far_ship, PLANE_BOX]
+    assert out.tile_ids.tolist() == [0, 1] and out.cut.tolist() == [False, False]
+
+
+@pytest.mark.parametrize(("plane_score", "ship_score", "survivor"), [(0.9, 0.6, PLANE), (0.6, 0.9, SHIP)])
+def test_the_lower_scoring_of_a_nested_pair_goes_whichever_class(plane_score: float, ship_score: float, survivor: int) -> None:
+    for boxes, classes, scores in (
+        ([PLANE_BOX, WING_BOX], [PLANE, SHIP], [plane_score, ship_score]),  # big plane, small ship
+        ([WING_BOX, PLANE_BOX], [PLANE, SHIP], [plane_score, ship_score]),  # small plane, big ship
+    ):
+        out = suppress_nested(scene_dets(boxes, scores, classes), EXCLUSIVE)
+        assert out.class_ids.tolist() == [survivor]
+        assert out.scores.tolist() == [pytest.approx(max(scores))]
+
+
+def test_a_removed_box_removes_nothing() -> None:
+    """Greedy: plane A > ship B > plane C, nested in turn; B goes (inside A), so C (inside B) stays."""
+    a, b, c = [0.0, 0.0, 100.0, 100.0], [10.0, 10.0, 90.0, 90.0], [20.0, 20.0, 80.0, 80.0]
+    out = suppress_nested(scene_dets([c, b, a], [0.7, 0.8, 0.9], [PLANE, SHIP, PLANE]), EXCLUSIVE)
+    assert kept(out) == [(PLANE, 0.7), (PLANE, 0.9)]
+
+
+def test_nested_boxes_of_the_same_class_are_untouched() -> None:
+    for cls in (PLANE, SHIP):
+        out = suppress_nested(scene_dets([PLANE_BOX, WING_BOX], [0.9, 0.6], [cls, cls]), EXCLUSIVE)
+        assert kept(out) == [(cls, 0.9), (cls, 0.6)]
+
+
+def test_classes_outside_the_set_are_untouched() -> None:
+    harbor = [0.0, 0.0, 300.0, 300.0]
+    out = suppress_nested(scene_dets([harbor, WING_BOX], [0.9, 0.6], [HARBOR, SHIP]), EXCLUSIVE)
+    assert kept(out) == [(HARBOR, 0.9), (SHIP, 0.6)]
+    # the same pair goes once harbor is made exclusive: the check above is not vacuous
+    assert kept(suppress_nested(scene_dets([harbor, WING_BOX], [0.9, 0.6], [HARBOR, SHIP]), {SHIP, HARBOR})) == [(HARBOR, 0.9)]
+    # an empty set disables the step
+    assert len(suppress_nested(scene_dets([PLANE_BOX, WING_BOX], [0.9, 0.6], [PLANE, SHIP]), set())) == 2
+
+
+def test_partial_overlap_below_the_threshold_is_untouched() -> None:
+    ship = [160.0, 100.0, 240.0, 180.0]  # half of it inside the plane: ios 0.5
+    dets = scene_dets([PLANE_BOX, ship], [0.9, 0.6], [PLANE, SHIP])
+    assert kept(suppress_nested(dets, EXCLUSIVE, ios=0.7)) == [(PLANE, 0.9), (SHIP, 0.6)]
+    assert kept(suppress_nested(dets, EXCLUSIVE, ios=0.5)) == [(PLANE, 0.9)]  # at the threshold it counts
+
+
+def test_obb_uses_the_rotated_boxes() -> None:
+    diag = math.pi / 4
+    # two thin diagonal boxes side by side, 11 px apart across their long axis: their axis-aligned
+    # extents overlap strongly, the rotated boxes not at all
+    plane = [100.0, 100.0, 100.0, 6.0, diag]
+    ship = [108.0, 92.0, 100.0, 6.0, diag]
+    dets = scene_dets([plane, ship], [0.9, 0.6], [PLANE, SHIP], task="obb")
+    aabb = dets.aabb()
+    inter = (torch.minimum(aabb[0, 2:], aabb[1, 2:]) - torch.maximum(aabb[0, :2], aabb[1, :2])).clamp(min=0).prod()
+    area = (aabb[:, 2:] - aabb[:, :2]).prod(-1)
+    assert inter / area.min() >= 0.7  # an axis-aligned test would suppress the ship
+    polys = shapely.polygons(obb_corners(dets.boxes).numpy())
+    assert shapely.area(shapely.intersection(polys[0], polys[1])) == 0
+    assert kept(suppress_nested(dets, EXCLUSIVE)) == [(PLANE, 0.9), (SHIP, 0.6)]
+    # a ship truly inside the rotated plane goes
+    nested = scene_dets([plane[:3] + [20.0, diag], [100.0, 100.0, 30.0, 8.0, diag]], [0.9, 0.6], [PLANE, SHIP], task="obb")
+    out = suppress_nested(nested, EXCLUSIVE)
+    assert kept(out) == [(PLANE, 0.9)] and out.task == "obb" and out.boxes.shape == (1, 5)
+
+
+@pytest.mark.parametrize("task", ["detect", "obb"])
+def test_suppress_nested_with_no_or_one_detection(task: str) -> None:
+    empty = suppress_nested(Detections.empty(task), EXCLUSIVE)  # type: ignore[arg-type]
+    assert len(empty) == 0 and empty.boxes.shape == (0, 5 if task == "obb" else 4)
+    one = [[100.0, 100.0, 30.0, 8.0, 0.3]] if task == "obb" else [WING_BOX]
+    assert kept(suppress_nested(scene_dets(one, [0.6], [SHIP], task), EXCLUSIVE)) == [(SHIP, 0.6)]
+    # none of the classes in the set
+    assert len(suppress_nested(scene_dets(one * 2, [0.6, 0.5], [HARBOR, SHIP], task), {PLANE})) == 2
+
+
+def test_pipeline_drops_a_ship_nested_in_a_plane(tmp_path: Path) -> None:
+    """Through the pipeline: on by default, recorded in the metadata, off with exclusive_classes=()."""
+    from rs_detect.io.writer import read_metadata
+
+    objects = [Planted(code=1, cx=128, cy=128, w=60, h=60), Planted(code=2, cx=128, cy=128, w=20, h=20)]  # ship painted over the plane
+    scene = write_tif(tmp_path / "nested.tif", paint((256, 256), objects))
+    engine = FakeEngine(imgsz=TILE)
+    off = ScenePipeline(engine, Config(tile_size=TILE, overlap=OVERLAP, exclusive_classes=())).run(scene, tmp_path / "off.geojson")
+    assert sorted(off.detections.class_ids.tolist()) == [PLANE, SHIP]  # both found, nested
+    on = ScenePipeline(engine, Config(tile_size=TILE, overlap=OVERLAP)).run(scene, tmp_path / "on.geojson")
+    assert len(on.detections) == 1 and sum(on.stats.per_class.values()) == 1
+    assert len(gpd.read_file(tmp_path / "on.geojson")) == 1
+    meta = read_metadata(tmp_path / "on.geojson")
+    assert meta["exclusive_classes"] == ["plane", "ship"] and meta["exclusive_ios"] == 0.7
+    assert read_metadata(tmp_path / "off.geojson")["exclusive_classes"] == []

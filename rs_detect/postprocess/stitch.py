@@ -8,6 +8,12 @@
    ``ios`` (the cut piece lies inside the whole box the neighbouring tile saw). Greedily, whole boxes
    win over cut ones and higher scores over lower; an object that no tile saw whole (larger than the
    overlap) keeps the union of its cut pieces.
+3. ``suppress_nested`` removes a box lying (mostly) inside a higher-scoring box of a *different* class,
+   among a set of mutually exclusive classes (by default plane and ship: they never nest in overhead
+   imagery, so the model scoring a wing or a fuselage as a ship is a false positive). A pair is nested
+   when the intersection over the smaller box is at least ``ios``; greedily by descending score, the
+   lower-scoring one goes, and a box already removed removes nothing. Classes outside the set (a ship in
+   a harbor, a helicopter on a deck) and pairs of the same class are left alone.
 """
 
 from __future__ import annotations
@@ -140,3 +146,41 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
     out.cut = torch.from_numpy(new_cut[~removed]).to(dets.boxes.device)
     return out
 
+
+def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: float = 0.7) -> Detections:
+    """Drop the lower-scoring of two nested boxes of different exclusive classes (see the module docstring)."""
+    n = len(dets)
+    ids = sorted({int(c) for c in class_ids})
+    if n < 2 or not ids:
+        return dets
+    cls = dets.class_ids.cpu().numpy()
+    cand = np.flatnonzero(np.isin(cls, ids))
+    if cand.size < 2:
+        return dets
+    aabb = dets.aabb().detach().cpu().numpy().astype(np.float64)[cand]
+    i, j = _pairs(aabb)
+    i, j = cand[i], cand[j]
+    sel = cls[i] != cls[j]
+    i, j = i[sel], j[sel]
+    if i.size == 0:
+        return dets
+    _, pair_ios = _pair_overlap(dets, i, j)
+    nested = pair_ios >= ios
+    i, j = i[nested], j[nested]
+    if i.size == 0:
+        return dets
+    # the greedy order: by descending score, a tie going to the earlier detection
+    scores = dets.scores.detach().cpu().numpy()
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.lexsort((np.arange(n), -scores))] = np.arange(n)
+    i_wins = rank[i] < rank[j]
+    win, lose = np.where(i_wins, i, j), np.where(i_wins, j, i)
+    order = np.argsort(rank[win], kind="stable")
+    removed = np.zeros(n, dtype=bool)
+    for w, lo in zip(win[order].tolist(), lose[order].tolist()):
+        if not removed[w]:
+            removed[lo] = True
+    if not removed.any():
+        return dets
+    keep = torch.from_numpy(np.flatnonzero(~removed))
+    return dets.select(keep.to(dets.boxes.device))
