@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
     p.add_argument("--tasks", default="detect,obb", help="comma-separated subset of detect,obb")
-    p.add_argument("--init-detect", type=Path, help="fine-tune from this detect checkpoint (best.pt) instead of from scratch")
-    p.add_argument("--init-obb", type=Path, help="fine-tune from this OBB checkpoint (best.pt) instead of from scratch")
+    p.add_argument("--init-detect", type=Path, help="fine-tune from this detect checkpoint (best.pt, or one made from a shipped ONNX by tools/onnx_to_checkpoint.py)")
+    p.add_argument("--init-obb", type=Path, help="fine-tune from this OBB checkpoint (as --init-detect)")
     p.add_argument(
         "--amp",
         choices=("auto", "bf16", "off"),
@@ -187,6 +187,8 @@ def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
         seed=args.seed,
         deterministic=True,
         pretrained=bool(init),  # Ultralytics drops a checkpoint's weights when this is False
+        # fine-tuning: no warm-up (its bias learning rate of 0.1 would throw the trained heads away)
+        warmup_epochs=0.0 if init else 3.0,
         amp=amp_setting(args),
         cache=False if args.cache == "none" else args.cache,
         plots=False,
@@ -279,6 +281,14 @@ def _model_input(png: Path, imgsz: int) -> np.ndarray:
     return (np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
+def init_record(init: Path) -> dict[str, Any]:
+    """Which checkpoint a fine-tuning run started from, and the ONNX it was recovered from, if any."""
+    import torch
+
+    ckpt = torch.load(init, map_location="cpu", weights_only=False)
+    return {"path": str(init), "sha256": sha256(init), "source_onnx": ckpt.get("source_onnx")}
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -325,7 +335,7 @@ def run_task(task: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
     print(f"{task}: {final} mAP50 plane {metrics['plane_mAP50']:.3f} ship {metrics['ship_mAP50']:.3f}", flush=True)
     init = getattr(args, f"init_{task}")
     return {"onnx": final.name, "sha256": sha256(final), "bytes": final.stat().st_size, "best_pt": str(best),
-            "init": {"path": str(init), "sha256": sha256(init)} if init else None,
+            "init": init_record(init) if init else None,
             "metrics": metrics, "onnx_check": check, "timings": timings}
 
 
