@@ -696,8 +696,14 @@ def _scene_config(
     )
 
 
-def _chip_config(rng: np.random.Generator, size: int, style: Style | None, length_range: tuple[float, float]) -> _Config:
-    """Dense chips: most have an airfield or water with several objects; a few are nearly empty."""
+def _chip_config(
+    rng: np.random.Generator, size: int, style: Style | None, length_range: tuple[float, float], distractors: float = 1.0
+) -> _Config:
+    """Dense chips: most have an airfield or water with several objects; a few are nearly empty.
+
+    ``distractors`` multiplies the towns, lone buildings, bright points and blobs (hard negatives for
+    training); the random draws are the same for any value, so 1.0 gives the chips it always gave.
+    """
     airfield = rng.random() < 0.55
     kind = rng.random()
     water = 0.0 if kind < 0.12 else 1.0 if kind < 0.25 else rng.uniform(0.2, 0.8)
@@ -712,10 +718,10 @@ def _chip_config(rng: np.random.Generator, size: int, style: Style | None, lengt
         planes=0 if empty or not airfield else int(rng.integers(2, 25)),
         ships=0 if empty else int(rng.integers(0, 21) * area + 0.5),
         edge_objects=0,
-        towns=int(rng.integers(0, 3)),
-        scattered=int(rng.integers(0, 40) * area),
-        points=int(rng.integers(20, 200) * area),
-        blobs=int(rng.integers(5, 60) * area),
+        towns=int(rng.integers(0, 3) * distractors),
+        scattered=int(rng.integers(0, 40) * area * distractors),
+        points=int(rng.integers(20, 200) * area * distractors),
+        blobs=int(rng.integers(5, 60) * area * distractors),
         roads=int(rng.integers(0, 4)),
         length_range=length_range,
     )
@@ -1271,8 +1277,11 @@ def render_chip(
     *,
     style: Style | None = None,
     length_range: tuple[float, float] = LENGTH_RANGE,
+    distractors: float = 1.0,
 ) -> tuple[np.ndarray, list[TruthObject]]:
     """A training chip: float32 [size, size] in [0, 1] and its objects (pixel coordinates of the chip).
+
+    ``distractors`` scales the number of buildings, towns, points and blobs (1.0: as in scenes' chips).
 
     Drawn by the same code as :func:`write_scene` (densely populated: an airfield in about half the
     chips, ships wherever there is water, a few nearly empty chips), then passed through a random tone
@@ -1281,7 +1290,9 @@ def render_chip(
     """
     if size < 64:
         raise ValueError(f"chip size must be >= 64, got {size}")
-    cfg = _chip_config(rng, size, style, length_range)
+    if distractors < 0:
+        raise ValueError(f"distractors must be >= 0, got {distractors}")
+    cfg = _chip_config(rng, size, style, length_range, distractors)
     plan = _build_plan(rng, size, size, cfg, (np.zeros(0), np.zeros(0)))
     return _tone_map(rng, render_window(plan, 0, 0, size, size)), list(plan.objects)
 

@@ -58,6 +58,25 @@ def test_chip_is_deterministic_in_range_and_labelled() -> None:
         assert o.w > o.h > 0 and 0 <= o.angle < math.pi and not o.edge
 
 
+def test_chip_distractors_scale_the_hard_negatives_not_the_objects() -> None:
+    """More distractors: the same objects (placed first), more buildings, points and blobs; 1.0 is the default."""
+    plain, objs = syn.render_chip(np.random.default_rng(3), size=512)
+    same, objs_same = syn.render_chip(np.random.default_rng(3), size=512, distractors=1.0)
+    busy, objs_busy = syn.render_chip(np.random.default_rng(3), size=512, distractors=3.0)
+    bare, objs_bare = syn.render_chip(np.random.default_rng(3), size=512, distractors=0.0)
+    assert np.array_equal(plain, same) and objs == objs_same
+    assert objs_busy == objs and objs_bare == objs and len(objs) > 0
+    # the counts of hard negatives scale; the draws that decide the objects do not change
+    cfgs = {k: syn._chip_config(np.random.default_rng(5), 1024, None, syn.LENGTH_RANGE, k) for k in (1.0, 3.0)}
+    for name in ("towns", "scattered", "points", "blobs"):
+        one, three = getattr(cfgs[1.0], name), getattr(cfgs[3.0], name)
+        assert three >= 3 * one - 2 and three <= 3 * one + 3, (name, one, three)
+    assert cfgs[1.0].points > 0 and cfgs[1.0].blobs > 0
+    assert (cfgs[1.0].planes, cfgs[1.0].ships, cfgs[1.0].roads) == (cfgs[3.0].planes, cfgs[3.0].ships, cfgs[3.0].roads)
+    with pytest.raises(ValueError, match="distractors"):
+        syn.render_chip(np.random.default_rng(3), size=512, distractors=-1.0)
+
+
 def test_chips_have_both_classes_and_both_tone_ranges() -> None:
     """Across a few chips: planes and ships, and full-range as well as low-contrast images."""
     names, spans = set(), []

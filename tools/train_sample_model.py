@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--imgsz", type=int, default=1024, help="model input size (multiple of 32)")
     p.add_argument("--chip-size", type=int, default=1024, help="rendered chip size in pixels")
+    p.add_argument("--distractors", type=float, default=1.0,
+                   help="multiply the buildings, towns, points and blobs per chip (hard negatives; 1.0 = the chips of run 1)")
     p.add_argument("--device", default="0", help="CUDA device index or 'cpu'")
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
@@ -115,10 +117,10 @@ def obb_label(obj: TruthObject, size: int) -> str:
     return f"{obj.class_id} " + " ".join(f"{v:.6f}" for v in corners)
 
 
-def render_one(job: tuple[Path, str, int, int, int]) -> dict[str, int]:
+def render_one(job: tuple[Path, str, int, int, int, float]) -> dict[str, int]:
     """Render chip ``index`` of ``split`` (its own seed, so any process order gives the same data)."""
-    root, split, index, seed, size = job
-    image, objects = render_chip(np.random.default_rng([seed, SPLITS[split], index]), size=size)
+    root, split, index, seed, size, distractors = job
+    image, objects = render_chip(np.random.default_rng([seed, SPLITS[split], index]), size=size, distractors=distractors)
     name = f"{split}_{index:05d}"
     png = root / "detect" / "images" / split / f"{name}.png"
     Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(png, compress_level=1)
@@ -151,7 +153,7 @@ def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, 
         (root / f"{task}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     counts: dict[str, dict[str, int]] = {}
     for split, n in (("train", args.train), ("val", args.val)):
-        jobs = [(root, split, i, args.seed, args.chip_size) for i in range(n)]
+        jobs = [(root, split, i, args.seed, args.chip_size, args.distractors) for i in range(n)]
         with ProcessPoolExecutor(max_workers=max(1, args.render_workers)) as pool:
             per_chip = list(pool.map(render_one, jobs, chunksize=4))
         counts[split] = {"chips": n, **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
