@@ -171,6 +171,9 @@ class GpuSampler:
 
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    import rasterio
+
+    from rs_detect.io.tiling import tile_count
     from rs_detect.pipeline import ScenePipeline
 
     scene = Path(args.scene)
@@ -186,7 +189,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         engine = load_engine(Path(args.model), device=args.device)
     cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25)
     pipe = ScenePipeline(engine, cfg, None if args.model == "null" else Path(args.model))
-    eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, args.engine_iters)
+    # engine-only runs as many batches as the scene has (at least --engine-iters): the same sustained
+    # load, so clocks and power settle the same way in both figures
+    with rasterio.open(scene) as ds:
+        batches = -(-tile_count(ds.width, ds.height, pipe.tile_size, cfg.overlap) // pipe.batch_size)
+    iters = max(args.engine_iters, batches)
+    eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, iters)
     if engine.device.type == "cuda":  # warm the kernels for the scene's batch shapes
         pipe.run(scene) if args.warmup else None
     rss_before = peak_rss_mb()
@@ -199,6 +207,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scene": scene.name, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
         "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "tiles": tiles, "seconds": round(seconds, 3),
+        "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
         "gpu_util": gpu.mean, "detections": len(result.detections),

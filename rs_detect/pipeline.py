@@ -164,6 +164,7 @@ class ScenePipeline:
         cfg = self.config
         stats = RunStats()
         with RasterSource(scene, channels=self.meta.channels, bands=cfg.bands, scale=cfg.scale, fill_value=cfg.nodata_fill) as src:
+            stats.add_time("open", time.perf_counter() - start)  # header, georeferencing, the stretch's statistics
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)
             norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], cfg.nodata_fill)
@@ -185,8 +186,12 @@ class ScenePipeline:
             with bar, self._block_cache(src), ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
                     ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
                 t_wait = time.perf_counter()
+                stats.add_time("setup", t_wait - start - stats.stage_seconds["open"])
                 for item in self._raw_batches(src, tiles, pool):
-                    stats.add_time("wait_for_reader", time.perf_counter() - t_wait)
+                    waited = time.perf_counter() - t_wait
+                    stats.add_time("wait_for_reader", waited)
+                    if "first_batch" not in stats.stage_seconds:
+                        stats.add_time("first_batch", waited)  # the engine's idle start: part of wait_for_reader
                     if isinstance(item, RawTile):
                         stats.tiles_skipped += 1
                         bar.update(1)
@@ -205,8 +210,10 @@ class ScenePipeline:
                         collect()
                     trim()
                     t_wait = time.perf_counter()
+                t0 = time.perf_counter()
                 while pending:
                     collect()
+                stats.add_time("drain", time.perf_counter() - t0)  # decoding the last batches after the last inference
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
             merged = suppress_nested(merged, self.exclusive_ids, cfg.exclusive_ios)
