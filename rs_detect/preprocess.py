@@ -22,14 +22,21 @@ class Normalizer:
         self.device, self.dtype = device, dtype
         self.combine = src.plan.combine
         self.channels = src.channels
-        s = src.scale
-        self.low = float(s.low)
-        self.gain = 1.0 / float(s.high - s.low)
+        self._src = src  # the stretch is read on first use: it may still be measured while tiles decode
+        self._scaling: tuple[float, float] | None = None
         self.fill = float(fill_value)
         lut = src.lut
         self.lut = None if lut is None else torch.from_numpy(np.ascontiguousarray(lut)).to(device)
         self.luma = torch.from_numpy(LUMA).to(device)
         self._stream: torch.cuda.Stream | None = None
+
+    @property
+    def scaling(self) -> tuple[float, float]:
+        """(low, gain) of the scene-wide stretch: x -> (x - low) * gain."""
+        if self._scaling is None:
+            s = self._src.scale
+            self._scaling = (float(s.low), 1.0 / float(s.high - s.low))
+        return self._scaling
 
     def __call__(self, batch: RawBatch) -> torch.Tensor:
         """The model input for ``batch``, ready on the engine's current stream.
@@ -59,7 +66,8 @@ class Normalizer:
             x = x.float()
         if self.combine == "luminance":
             x = torch.einsum("c,nchw->nhw", self.luma, x)[:, None]
-        x = x.sub_(self.low).mul_(self.gain).clamp_(0.0, 1.0)
+        low, gain = self.scaling
+        x = x.sub_(low).mul_(gain).clamp_(0.0, 1.0)
         if self.combine == "replicate":
             x = x.expand(-1, self.channels, -1, -1)
         if batch.valid is not None:

@@ -234,3 +234,52 @@ def test_cuda_upload_stream_gives_the_cpu_input(tmp_path: Path) -> None:
     for b, out in zip(batches, outs):
         assert out.dtype == torch.float16 and out.device.type == "cuda"
         np.testing.assert_allclose(out.float().cpu().numpy(), cpu(b).numpy(), atol=1e-3)
+
+
+# -- the stretch measured alongside the first reads ---------------------------------------------------
+
+
+def test_background_scale_matches_and_overlaps_the_first_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline starts reading tiles before the stretch is known, and gets the same stretch."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    path = write_tif(tmp_path / "s.tif", (rng.gamma(2.0, 300.0, (1300, 1500)) + 200).astype(np.uint16))
+    want = RasterSource(path).scale
+    assert want.method == "percentile"
+    assert RasterSource(path, background_scale=True).scale == want
+
+    # the statistics wait until a tile has been read: a pipeline that measured them first would hang
+    first_read = threading.Event()
+    real_sample, real_read = RasterSource._stats_sample, RasterSource.read_raw
+
+    def sample_after_a_read(self: RasterSource, ds: object) -> np.ndarray:
+        assert first_read.wait(timeout=20), "no tile was read while the stretch was being measured"
+        return real_sample(self, ds)
+
+    def read(self: RasterSource, *a: object, **k: object) -> object:
+        first_read.set()
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(RasterSource, "_stats_sample", sample_after_a_read)
+    monkeypatch.setattr(RasterSource, "read_raw", read)
+    res = ScenePipeline(FakeEngine(imgsz=512), Config(batch_size=2, read_threads=2)).run(path)
+    assert res.metadata["scale"]["low"] == want.low and res.metadata["scale"]["high"] == want.high
+    assert res.stats.tiles_read == res.stats.tiles_total > 4
+
+
+def test_background_scale_error_reaches_the_caller_as_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_tif(tmp_path / "s.tif", np.full((600, 700), 900, dtype=np.uint16))
+
+    def broken(self: RasterSource, ds: object) -> np.ndarray:
+        raise InputError(f"{self.path}: read failed while measuring the scene's value range (boom)")
+
+    monkeypatch.setattr(RasterSource, "_stats_sample", broken)
+    src = RasterSource(path, background_scale=True)  # opening does not wait for the statistics
+    with pytest.raises(InputError, match="s.tif: read failed while measuring"):
+        src.scale
+    src.close()
+    with pytest.raises(InputError, match="measuring the scene's value range"):
+        ScenePipeline(FakeEngine(imgsz=512), Config(batch_size=2)).run(path)
+    # uint8 needs no statistics: nothing runs in the background
+    assert RasterSource(write_tif(tmp_path / "u8.tif", np.zeros((60, 70), dtype=np.uint8)), background_scale=True)._scale_job is None

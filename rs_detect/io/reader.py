@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -132,7 +132,10 @@ class RasterSource:
         bands: tuple[int, ...] | None = None,
         scale: ScaleConfig = ScaleConfig(),
         fill_value: float = 0.0,
+        background_scale: bool = False,
     ) -> None:
+        """``background_scale``: measure the scene-wide stretch in a thread of its own, so the first
+        tiles decode meanwhile; :attr:`scale` waits for it (and re-raises its error) on first use."""
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
@@ -157,7 +160,22 @@ class RasterSource:
         flags = [ds.mask_flag_enums[i - 1] for i in self.plan.indexes]
         self.has_mask = any(f != [MaskFlags.all_valid] for f in flags) or self.dtype.kind == "f"
         self._lut = self._palette_lut(ds) if self.plan.combine == "palette" else None
-        self.scale = self._scale_info(ds, scale)
+        self._scale: ScaleInfo | None = None
+        self._scale_job: Future[ScaleInfo] | None = None
+        if background_scale and self._needs_statistics(scale):
+            self._scale_pool = ThreadPoolExecutor(1, thread_name_prefix="rs-scale")
+            self._scale_job = self._scale_pool.submit(lambda: self._scale_info(self._dataset(), scale))
+            self._scale_pool.shutdown(wait=False)
+        else:
+            self._scale = self._scale_info(ds, scale)
+
+    @property
+    def scale(self) -> ScaleInfo:
+        """The scene-wide scaling (waits for the background measurement, if one is running)."""
+        if self._scale is None:
+            assert self._scale_job is not None
+            self._scale = self._scale_job.result()
+        return self._scale
 
     # -- dataset handles ---------------------------------------------------------------------------
 
@@ -179,6 +197,12 @@ class RasterSource:
         return ds
 
     def close(self) -> None:
+        if self._scale_job is not None and self._scale is None:
+            self._scale_job.cancel()
+            try:  # its thread holds a dataset handle: let it finish before the handles close
+                self._scale_job.exception()
+            except CancelledError:
+                pass
         with self._lock:
             for ds in self._handles:
                 ds.close()
@@ -213,6 +237,9 @@ class RasterSource:
         for k, (r, g, b, *_rest) in cmap.items():
             lut[k] = 0.299 * r + 0.587 * g + 0.114 * b
         return lut
+
+    def _needs_statistics(self, cfg: ScaleConfig) -> bool:
+        return cfg.method == "percentile" or (cfg.method == "auto" and not (self.dtype == np.uint8 or self.plan.combine == "palette"))
 
     def _scale_info(self, ds: rasterio.DatasetReader, cfg: ScaleConfig) -> ScaleInfo:
         if cfg.method == "fixed":
