@@ -86,7 +86,9 @@ class ScenePipeline:
         self.model_path = model_path
         #: the confidence threshold in force: the user's, else the model's own, else 0.25
         self.conf = config.conf if config.conf is not None else (self.meta.conf if self.meta.conf is not None else 0.25)
-        self.params = DecodeParams.build(self.meta, self.conf, config.conf_by_class, config.classes)
+        #: per-class thresholds: the model's own apply unless the user set --conf; the user's per-class win
+        self.conf_by_class = {**(dict(self.meta.conf_by_class) if config.conf is None else {}), **config.conf_by_class}
+        self.params = DecodeParams.build(self.meta, self.conf, self.conf_by_class, config.classes)
         self.exclusive_ids = self._exclusive_ids(config.exclusive_classes)
         self.tile_size = config.tile_size or self.meta.imgsz
         if self.tile_size > self.meta.imgsz:
@@ -255,7 +257,7 @@ class ScenePipeline:
             "overlap": cfg.overlap,
             "batch_size": self.batch_size,
             "conf": self.conf,
-            "conf_by_class": dict(cfg.conf_by_class),
+            "conf_by_class": dict(self.conf_by_class),
             "iou": cfg.iou,
             "merge_iou": cfg.merge_iou,
             "merge_ios": cfg.merge_ios,

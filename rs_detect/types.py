@@ -82,6 +82,7 @@ class ModelMeta:
     stride: int = 32
     dynamic_batch: bool = True
     conf: float | None = None  # the model's recommended confidence threshold
+    conf_by_class: tuple[tuple[str, float], ...] = ()  # the model's recommended per-class thresholds
     source: str = ""
 
     @property

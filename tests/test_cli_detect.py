@@ -177,3 +177,26 @@ def test_exclusive_classes_config(scene: Path, tiny_onnx: Path, tmp_path: Path) 
     loaded = load_config(cfg)
     assert loaded.exclusive_classes == ("ship", "harbor") and loaded.exclusive_ios == 0.8
     assert load_config().exclusive_classes == ("plane", "ship") and load_config().exclusive_ios == 0.7
+
+
+def test_model_yaml_per_class_thresholds(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    """A model's own conf_by_class applies by default; --conf replaces it; the user's per-class win."""
+    import shutil
+
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(tiny_onnx, model)
+    (tmp_path / "m.yaml").write_text("conf: 0.3\nconf_by_class: {plane: 0.999999}\n")
+    out = tmp_path / "o.geojson"
+    res = run(scene, "--model", model, *TILE, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["features"] == []  # the tiny model finds planes only, none that sure
+    assert read_metadata(out)["conf_by_class"] == {"plane": 0.999999} and read_metadata(out)["conf"] == 0.3
+    res = run(scene, "--model", model, *TILE, "--conf", "0.3", "-o", out)
+    assert len(json.loads(out.read_text())["features"]) >= 2 and read_metadata(out)["conf_by_class"] == {}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("conf_by_class: {plane: 0.3}\n")
+    res = run(scene, "--model", model, *TILE, "--config", cfg, "-o", out)
+    assert len(json.loads(out.read_text())["features"]) >= 2 and read_metadata(out)["conf_by_class"] == {"plane": 0.3}
+    (tmp_path / "m.yaml").write_text("conf_by_class: {plane: 2}\n")
+    out.unlink()
+    one_error_line(run(scene, "--model", model, *TILE, "-o", out), "m.onnx", "conf_by_class[plane] must be in [0, 1]", outputs=(out,))

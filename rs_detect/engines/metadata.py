@@ -23,7 +23,7 @@ from rs_detect import DOTA_CLASSES
 from rs_detect.errors import ConfigError, ModelError
 from rs_detect.types import ModelMeta
 
-YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf"}
+YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf", "conf_by_class"}
 
 
 def _literal(value: Any) -> Any:
@@ -69,6 +69,15 @@ def from_mapping(raw: Mapping[str, Any], base: ModelMeta | None = None, source: 
         if not 0.0 <= conf <= 1.0:
             raise ModelError(f"{source}: conf must be in [0, 1], got {conf}")
         updates["conf"] = conf
+    if "conf_by_class" in raw:
+        per = _literal(raw["conf_by_class"])
+        if not isinstance(per, Mapping):
+            raise ModelError(f"{source}: conf_by_class must map class names to thresholds, got {type(per).__name__}")
+        pairs = tuple((str(k), float(v)) for k, v in per.items())
+        bad = [(k, v) for k, v in pairs if not 0.0 <= v <= 1.0]
+        if bad:
+            raise ModelError(f"{source}: conf_by_class[{bad[0][0]}] must be in [0, 1], got {bad[0][1]}")
+        updates["conf_by_class"] = pairs
     if "stride" in raw:
         updates["stride"] = int(_literal(raw["stride"]))
     if "task" in raw:
