@@ -1,8 +1,12 @@
-"""The bundled sample models on freshly generated scenes (seeds never used in training), and eval.
+"""The bundled sample models on freshly generated scenes (seeds never used in training or tuning), and eval.
 
-Issue 3's targets are precision and recall >= 0.95 for plane and ship. The measured numbers are in the
-README; the bounds asserted here are a regression guard with margin for a 36-80 object sample, not
-those targets: a change that breaks the models, the stretch or the stitching fails them by far.
+Issue 3's targets, asserted as they are: precision and recall >= 0.95 for plane and for ship at IoU 0.5,
+for the HBB model (boxes) and the OBB model (rotated polygons), on a uint8 scene and on a uint16 scene
+of another dynamic range, with the shipped thresholds, objects on tile edges included (recall on them
+too) and no object reported twice. The cases where the shipped models miss the target are listed in
+KNOWN_MISSES and marked as strict expected failures, with what was measured. The thresholds were chosen on four other scenes (seeds 1001, 8, 31,
+32; README "Sample model"); the seeds here (2024, 2026) were fixed before these models were scored on
+them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from rs_detect.evaluate import average_precision, evaluate
 from rs_detect.synthetic import write_scene
 
 MODELS = {"hbb": REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx", "obb": REPO_ROOT / "sample_data" / "planeship_yolov8n_obb.onnx"}
+SCENES = {"uint8": 2024, "uint16": 2026}  # dtype -> seed; 6000 x 5000 px, about 80 objects each
 
 
 def run(*args: object) -> object:
@@ -42,23 +47,68 @@ def duplicates(pred: gpd.GeoDataFrame) -> int:
     return int((ios > 0.5).sum())
 
 
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """One fresh scene per dtype, shared by both models: (scene, truth)."""
+    root = tmp_path_factory.mktemp("fresh")
+    out = {}
+    for dtype, seed in SCENES.items():
+        tif, truth = root / f"{dtype}.tif", root / f"{dtype}.truth.geojson"
+        t = write_scene(tif, 6000, 5000, seed=seed, truth_path=truth, dtype=dtype)
+        assert t.edge_count > 10  # objects on the tiler's edges and corners are part of the test
+        out[dtype] = (tif, truth)
+    return out
+
+
+@pytest.fixture(scope="module")
+def detections(scenes: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory):
+    """``rs-detect SCENE --model M`` with the shipped thresholds, once per (model, dtype): (pred, truth)."""
+    root, cache = tmp_path_factory.mktemp("pred"), {}
+
+    def get(task: str, dtype: str) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+        if (task, dtype) not in cache:
+            tif, truth = scenes[dtype]
+            out = root / f"{task}_{dtype}.geojson"
+            run(tif, "--model", MODELS[task], "-o", out, "-q")
+            cache[task, dtype] = (gpd.read_file(out), gpd.read_file(truth))
+        return cache[task, dtype]
+
+    return get
+
+
+# Measured misses of issue 3's target on these scenes (README, "Sample model"): strict, so a model that
+# meets the target turns them into failures that ask for this list to be emptied.
+KNOWN_MISSES = {
+    ("hbb", "uint8", "ship"): "recall 0.925 (37/40; a dim 115 px ship unseen, a cut piece kept over a low-scoring whole box)",
+    ("obb", "uint8", "ship"): "precision and recall 0.925 (37/40)",
+}
+CASES = [
+    pytest.param(t, d, c, marks=[pytest.mark.xfail(strict=True, reason=f"issue 3 open: {KNOWN_MISSES[t, d, c]}")] if (t, d, c) in KNOWN_MISSES else [])
+    for t in ("hbb", "obb") for d in ("uint8", "uint16") for c in ("plane", "ship")
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("task", "dtype", "seed"), [("hbb", "uint8", 2024), ("obb", "uint8", 2025), ("hbb", "uint16", 2026)])
-def test_sample_model_finds_planes_and_ships(tmp_path: Path, task: str, dtype: str, seed: int) -> None:
-    truth = write_scene(tmp_path / "s.tif", 4096, 3072, seed=seed, truth_path=tmp_path / "s.truth.geojson", dtype=dtype)
-    assert truth.edge_count > 5  # objects on the tiler's edges and corners are part of the test
-    out = tmp_path / "s.geojson"
-    run(tmp_path / "s.tif", "--model", MODELS[task], "-o", out, "-q")
-    pred, gt = gpd.read_file(out), gpd.read_file(tmp_path / "s.truth.geojson")
-    scores = {s.class_name: s for s in evaluate(pred, gt, 0.5, "polygon" if task == "obb" else "box", ["plane", "ship"])}
-    for name in ("plane", "ship"):
-        s = scores[name]
-        assert s.truth > 5
-        assert s.recall >= 0.85, s
-        assert s.precision >= 0.8, s
-        if s.edge_truth:
-            assert s.edge_recall >= 0.8, s
-    assert duplicates(pred) == 0  # each object once, also across tile edges
+@pytest.mark.parametrize(("task", "dtype", "name"), CASES)
+def test_sample_model_meets_the_target(detections, task: str, dtype: str, name: str) -> None:
+    pred, gt = detections(task, dtype)
+    (s,) = evaluate(pred, gt, 0.5, "polygon" if task == "obb" else "box", [name])
+    assert s.truth > 20 and s.edge_truth > 5
+    assert s.precision >= 0.95, s
+    assert s.recall >= 0.95, s
+    assert s.edge_recall >= 0.95, s  # objects straddling tile edges are found too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["hbb", "obb"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_sample_model_reports_each_object_once(detections, task: str, dtype: str) -> None:
+    pred, gt = detections(task, dtype)
+    assert len(pred) > 60
+    assert duplicates(pred) == 0  # also across tile edges
+    # and the known misses stay near the target: a regression guard for the xfailed cases above
+    for s in evaluate(pred, gt, 0.5, "polygon" if task == "obb" else "box", ["plane", "ship"]):
+        assert s.precision >= 0.9 and s.recall >= 0.9, s
 
 
 def test_eval_scores_and_duplicates(tmp_path: Path) -> None:

@@ -1,0 +1,68 @@
+"""tools/onnx_to_checkpoint.py: a shipped ONNX file back to a checkpoint training can continue from.
+
+Needs Ultralytics (in the test extra). The conversion is exact in eval mode whatever the calibration
+sample, so two calibration chips keep the test quick; the tool's own default is 48.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rs_detect.config import REPO_ROOT
+
+pytest.importorskip("ultralytics")  # in the test extra, so CI runs this file
+spec = importlib.util.spec_from_file_location("onnx_to_checkpoint", REPO_ROOT / "tools" / "onnx_to_checkpoint.py")
+o2c = importlib.util.module_from_spec(spec)
+sys.modules["onnx_to_checkpoint"] = o2c
+spec.loader.exec_module(o2c)  # type: ignore[union-attr]
+
+HBB = REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx"
+OBB = REPO_ROOT / "sample_data" / "planeship_yolov8n_obb.onnx"
+
+
+@pytest.mark.slow
+def test_checkpoint_reproduces_the_onnx_model_and_loads_in_ultralytics(tmp_path: Path) -> None:
+    out = tmp_path / "hbb.pt"
+    diffs = o2c.convert(HBB, "detect", out, calib=2, test=1)
+    assert diffs["box_max_abs_diff_px"] < 0.05 and diffs["score_max_abs_diff"] < 1e-3
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    assert ckpt["source_onnx"]["sha256"] == hashlib.sha256(HBB.read_bytes()).hexdigest()
+    model = ckpt["model"].float().eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 57
+    # re-calibrated, not identities: train mode (batch statistics) stays near the eval function
+    assert not all(torch.allclose(b.running_var, torch.ones_like(b.running_var), atol=1e-3) for b in bns)
+    x = torch.from_numpy(o2c.chips(2, 1024, 0))  # the calibration chips
+
+    def raw(out: object) -> torch.Tensor:  # the head's raw box and class outputs (train: a dict; eval: (y, dict))
+        d = out if isinstance(out, dict) else out[1]  # type: ignore[index]
+        return torch.cat([d["boxes"].flatten(), d["scores"].flatten()])
+
+    with torch.no_grad():
+        full = model(x)
+        ref, eval_feats = full[0], raw(full)
+        model.train()
+        feats = raw(model(x))
+    model.eval()
+    assert ref.shape == (2, 19, 21504)
+    assert torch.corrcoef(torch.stack([feats, eval_feats]))[0, 1] > 0.99
+
+    from ultralytics import YOLO
+
+    yolo = YOLO(str(out))  # what train_sample_model.py --init-detect does first
+    assert yolo.task == "detect" and yolo.model.model[0].conv.in_channels == 1 and len(yolo.model.names) == 15
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_reproduce_the_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not reproduce the ONNX model"):
+        o2c.convert(OBB, "detect", tmp_path / "wrong.pt", calib=2, test=1)  # OBB weights in a detect model
+    assert not (tmp_path / "wrong.pt").exists()
+    assert np.isfinite(o2c.chips(1, 128, 0)).all()
