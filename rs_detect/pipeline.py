@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
-from rs_detect.postprocess.stitch import merge, suppress_nested, to_scene
+from rs_detect.postprocess.stitch import above, merge, suppress_nested, to_scene
 from rs_detect.preprocess import Normalizer
 from rs_detect.types import Detections, RunStats, Tile
 
@@ -89,6 +89,8 @@ class ScenePipeline:
         #: per-class thresholds: the model's own apply unless the user set --conf; the user's per-class win
         self.conf_by_class = {**(dict(self.meta.conf_by_class) if config.conf is None else {}), **config.conf_by_class}
         self.params = DecodeParams.build(self.meta, self.conf, self.conf_by_class, config.classes)
+        # decode and stitch down to stitch_conf (never above the output thresholds), output at params.conf
+        self.stitch_params = replace(self.params, conf=torch.clamp(self.params.conf, max=config.stitch_conf))
         self.exclusive_ids = self._exclusive_ids(config.exclusive_classes)
         self.tile_size = config.tile_size or self.meta.imgsz
         if self.tile_size > self.meta.imgsz:
@@ -147,7 +149,7 @@ class ScenePipeline:
         return out
 
     def _decode(self, raw: torch.Tensor, tiles: tuple[Tile, ...]) -> Detections:
-        cands = decode(raw, self.meta, self.params)
+        cands = decode(raw, self.meta, self.stitch_params)
         kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
         return to_scene(kept, tiles, self.config.edge_margin).to("cpu")
 
@@ -181,7 +183,7 @@ class ScenePipeline:
                 dets = fut.result()
                 parts.append(dets)
                 stats.tiles_read += n
-                stats.detections_raw += len(dets)
+                stats.detections_raw += int((dets.scores >= self.params.conf[dets.class_ids]).sum()) if len(dets) else 0
                 bar.update(n)
                 bar.set_postfix(detections=stats.detections_raw, refresh=False)
 
@@ -219,7 +221,7 @@ class ScenePipeline:
                 stats.add_time("drain", time.perf_counter() - t0)  # decoding the last batches after the last inference
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
-            merged = suppress_nested(merged, self.exclusive_ids, cfg.exclusive_ios)
+            merged = suppress_nested(above(merged, self.params.conf), self.exclusive_ids, cfg.exclusive_ios)
             frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name)
             frame = to_output_crs(frame, cfg.crs, scene.name)
             stats.add_time("stitch", time.perf_counter() - t0)
@@ -261,6 +263,7 @@ class ScenePipeline:
             "iou": cfg.iou,
             "merge_iou": cfg.merge_iou,
             "merge_ios": cfg.merge_ios,
+            "stitch_conf": cfg.stitch_conf,
             "exclusive_classes": list(cfg.exclusive_classes or ()),
             "exclusive_ios": cfg.exclusive_ios,
             "class_filter": list(cfg.classes) if cfg.classes else None,

@@ -252,3 +252,49 @@ def test_pipeline_drops_a_ship_nested_in_a_plane(tmp_path: Path) -> None:
     meta = read_metadata(tmp_path / "on.geojson")
     assert meta["exclusive_classes"] == ["plane", "ship"] and meta["exclusive_ios"] == 0.7
     assert read_metadata(tmp_path / "off.geojson")["exclusive_classes"] == []
+
+
+# -- a neighbour's whole view, scored under the threshold, replaces a cut piece ---------------------------
+
+
+class EdgeShyEngine(FakeEngine):
+    """Scores an object 0.9 where the tile cuts it and 0.3 where the tile sees it whole (a detector
+    that likes the wrong view): only the cut pieces pass conf 0.5."""
+
+    def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        out = super()._infer(images)
+        nc, s = self.meta.nc, self.meta.imgsz
+        x1, y1 = out[:, 0] - out[:, 2] / 2, out[:, 1] - out[:, 3] / 2
+        x2, y2 = out[:, 0] + out[:, 2] / 2, out[:, 1] + out[:, 3] / 2
+        touches = (x1 <= 0.5) | (y1 <= 0.5) | (x2 >= s - 0.5) | (y2 >= s - 0.5)
+        scores = out[:, 4 : 4 + nc]
+        found = scores > 0
+        scores[found & ~touches[:, None].expand_as(scores)] = 0.3
+        scores[found & touches[:, None].expand_as(scores)] = 0.9
+        return out
+
+
+def test_a_whole_view_under_the_threshold_replaces_the_cut_piece(tmp_path: Path) -> None:
+    # across the right edge of the first column: cut in tile 0, whole in tile 1 (whose left edge is at 192)
+    obj = Planted(code=1, cx=256, cy=120, w=30, h=12)
+    scene = write_tif(tmp_path / "scene.tif", paint((H, W), [obj]))
+    engine = EdgeShyEngine(imgsz=TILE, task="detect", max_batch=4)
+
+    def boxes(stitch_conf: float) -> list[list[float]]:
+        cfg = Config(tile_size=TILE, overlap=OVERLAP, classes=("plane", "ship"), read_threads=2, conf=0.5, stitch_conf=stitch_conf)
+        res = ScenePipeline(engine, cfg).run(scene)
+        assert res.detections.scores.tolist() == [pytest.approx(0.9)]  # one object, its best score
+        return res.detections.boxes.tolist()
+
+    assert boxes(0.1) == [[241.0, 114.0, 271.0, 126.0]]  # the whole box, from the tile that saw it whole
+    cut = boxes(0.5)  # stitching at the output threshold: only the cut piece is left
+    assert cut[0][2] == 256.0 and cut[0][2] - cut[0][0] < 30
+
+
+def test_merge_keeps_the_best_score_of_a_group() -> None:
+    whole = [240.0, 114.0, 270.0, 126.0]
+    piece = [240.0, 114.0, 256.0, 126.0]
+    dets = Detections(torch.tensor([piece, whole]), torch.tensor([0.8, 0.2]), torch.tensor([PLANE, PLANE]),
+                      torch.tensor([0, 1]), "detect", "scene", torch.tensor([True, False]))
+    out = merge(dets)
+    assert out.boxes.tolist() == [whole] and out.scores.tolist() == [pytest.approx(0.8)] and out.cut.tolist() == [False]

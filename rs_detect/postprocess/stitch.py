@@ -7,7 +7,10 @@
    least ``iou``, or, when one of them is cut, when the intersection over the smaller box is at least
    ``ios`` (the cut piece lies inside the whole box the neighbouring tile saw). Greedily, whole boxes
    win over cut ones and higher scores over lower; an object that no tile saw whole (larger than the
-   overlap) keeps the union of its cut pieces.
+   overlap) keeps the union of its cut pieces. The box that stands for a group keeps the group's best
+   score: the pipeline stitches boxes down to a lower score (``stitch_conf``) than it outputs, so the
+   whole view of an edge object that one tile scored under the threshold replaces the cut piece that
+   another tile scored over it, instead of the piece being reported (a false positive and a miss).
 3. ``suppress_nested`` removes a box lying (mostly) inside a higher-scoring box of a *different* class,
    among a set of mutually exclusive classes (by default plane and ship: they never nest in overhead
    imagery, so the model scoring a wing or a fuselage as a ship is a false positive). A pair is nested
@@ -124,6 +127,7 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
     removed = np.zeros(n, dtype=bool)
     boxes = dets.boxes.detach().cpu().numpy().copy()
     new_cut = cut.copy()
+    best = scores.copy()
     for k in order.tolist():
         if removed[k] or k not in neighbours:
             continue
@@ -131,6 +135,7 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
         if not group:
             continue
         removed[group] = True
+        best[k] = max(best[k], float(scores[group].max()))
         if cut[k]:
             # no tile saw this object whole: keep the union of the pieces
             pieces = [k, *(m for m in group if cut[m])]
@@ -144,7 +149,16 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
     out = dets.select(keep.to(dets.boxes.device))
     out.boxes = torch.from_numpy(boxes[~removed]).to(dets.boxes.device)
     out.cut = torch.from_numpy(new_cut[~removed]).to(dets.boxes.device)
+    out.scores = torch.from_numpy(best[~removed]).to(dets.scores.device, dets.scores.dtype)
     return out
+
+
+def above(dets: Detections, conf: torch.Tensor) -> Detections:
+    """The detections whose score reaches their class's threshold (``conf``: [nc])."""
+    if len(dets) == 0:
+        return dets
+    keep = dets.scores >= conf.to(dets.scores.device)[dets.class_ids]
+    return dets.select(keep.nonzero(as_tuple=True)[0])
 
 
 def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: float = 0.7) -> Detections:
