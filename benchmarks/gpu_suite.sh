@@ -10,6 +10,7 @@ V8N=${2:-}
 W=${BENCH_WORK:-/tmp/bench}
 THREADS=${BENCH_THREADS:-$(( $(nproc) - 2 ))}
 mkdir -p "$OUT" "$W/scenes" "$W/models"
+OUT=$(realpath "$OUT"); W=$(realpath "$W"); [ -z "$V8N" ] || V8N=$(realpath "$V8N")  # before the cd below
 cd "$(dirname "$0")/.."
 S=$W/scenes
 t0=$(date +%s)
