@@ -239,6 +239,7 @@ class RasterSource:
         return lut
 
     def _needs_statistics(self, cfg: ScaleConfig) -> bool:
+        """Percentile stretch (asked for, or auto on anything but uint8 and palettes): a sample read."""
         return cfg.method == "percentile" or (cfg.method == "auto" and not (self.dtype == np.uint8 or self.plan.combine == "palette"))
 
     def _scale_info(self, ds: rasterio.DatasetReader, cfg: ScaleConfig) -> ScaleInfo:
@@ -246,7 +247,7 @@ class RasterSource:
             if cfg.low is None or cfg.high is None or not cfg.high > cfg.low:
                 raise InputError(f"{self.path}: fixed scaling needs low < high, got {cfg.low}..{cfg.high}")
             return ScaleInfo("fixed", float(cfg.low), float(cfg.high))
-        if cfg.method == "auto" and (self.dtype == np.uint8 or self.plan.combine == "palette"):
+        if not self._needs_statistics(cfg):
             return ScaleInfo("divide", 0.0, 255.0)
         sample = self._stats_sample(ds)
         if sample.size == 0:
