@@ -141,7 +141,6 @@ def test_export_without_ultralytics(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 @pytest.fixture(scope="module")
 def yolo_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 1-channel, 15-class YOLOv8n checkpoint saved the Ultralytics way."""
-    pytest.importorskip("ultralytics")
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
