@@ -1,4 +1,4 @@
-"""Band mapping, scene-wide scaling, nodata, and the two read strategies (windows vs row bands)."""
+"""Band mapping, scene-wide scaling, nodata, and the slab reader (each block decoded once)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rasterio.enums import ColorInterp as CI
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import InputError
-from rs_detect.io.prefetch import RawBatch, RowBandReads, window_batches
+from rs_detect.io.prefetch import RawBatch, SlabReader, window_batches
 from rs_detect.io.reader import RasterSource, ScaleConfig, plan_bands
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
@@ -52,7 +52,7 @@ def normalize(path: Path, **kw: object) -> tuple[torch.Tensor, RasterSource]:
     src = RasterSource(path, **kw)
     tile = next(iter_tiles(src.width, src.height, 256, 32))
     with ThreadPoolExecutor(2) as pool:
-        (batch,) = list(window_batches(src, [tile], pool, 4, 256, pin=False, depth=1))
+        (batch,) = list(window_batches(src, [tile], pool, 4, 256, pin=False, depth=1, threads=2))
     assert isinstance(batch, RawBatch)
     return Normalizer(src, torch.device("cpu"), torch.float32, fill_value=0.0)(batch)[0], src
 
@@ -94,18 +94,84 @@ def test_rgb_luminance_and_palette(tmp_path: Path) -> None:
     assert float(x[0, 0, 0]) == 0.0 and float(x[0, 0, 40]) == pytest.approx(1.0)
 
 
-def test_striped_row_bands_give_the_same_tiles_as_windows(tmp_path: Path) -> None:
+def _all_batches(src: RasterSource, tiles: list, size: int, batch: int = 3, threads: int = 3) -> list:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(window_batches(src, tiles, pool, batch, size, pin=False, depth=2, threads=threads))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"tiled": True, "blockxsize": 128, "blockysize": 128},
+        {"tiled": True, "blockxsize": 256, "blockysize": 512},
+        {"tiled": False, "blockysize": 1},
+        {"tiled": False, "blockysize": 16},
+        {"tiled": False, "blockysize": 1300},  # one strip taller than the largest slab
+    ],
+    ids=["tiled128", "tiled256x512", "strip1", "strip16", "one-strip"],
+)
+def test_slabs_give_every_window_as_a_window_read_does(tmp_path: Path, layout: dict) -> None:
     rng = np.random.default_rng(1)
-    img = rng.integers(0, 255, (700, 900), dtype=np.uint8)
-    src = RasterSource(write_tif(tmp_path / "striped.tif", img, tiled=False, blockysize=1))
-    assert src.is_striped
-    tiles = list(iter_tiles(src.width, src.height, 256, 48))
-    by_window = [src.read_raw(t.window)[0] for t in tiles]
-    with ThreadPoolExecutor(3) as pool:
-        by_band = list(RowBandReads(src, pool, 3)(tiles))
-    assert [r.tile.index for r in by_band] == [t.index for t in tiles]
-    for a, b in zip(by_window, by_band):
-        np.testing.assert_array_equal(a, b.data)
+    img = rng.integers(1, 65535, (2, 1300, 900), dtype=np.uint16)
+    img[:, 1000:, :200] = 0  # nodata: the mask travels with the pixels
+    src = RasterSource(write_tif(tmp_path / "s.tif", img, nodata=0, **layout), channels=2)
+    assert src.plan.indexes == (1, 2)
+    tiles = list(iter_tiles(src.width, src.height, 320, 48))
+    batches = _all_batches(src, tiles, 320)
+    got = [(t, b.data[i].numpy(), None if b.valid is None else b.valid[i].numpy()) for b in batches for i, t in enumerate(b.tiles)]
+    assert [t.index for t, *_ in got] == [t.index for t in tiles]  # scene order, nothing lost
+    for t, data, valid in got:
+        want, mask = src.read_raw(t.window)
+        h, w = t.height, t.width
+        np.testing.assert_array_equal(data[:, :h, :w], want)
+        assert not data[:, h:, :].any() and not data[:, :, w:].any()  # padding is zero, not garbage
+        if valid is None:  # a batch of all-valid tiles carries no mask
+            assert mask is None or mask.all()
+        else:
+            np.testing.assert_array_equal(valid[:h, :w], mask if mask is not None else True)
+            assert not valid[h:, :].any() and not valid[:, w:].any()
+    assert any(v is not None and not v.all() for *_, v in got)  # the nodata corner was masked
+
+
+def test_each_block_is_decoded_once_in_whole_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapping windows share their blocks: the decode reads tile the scene exactly, block-aligned."""
+    img = np.random.default_rng(2).integers(0, 255, (1500, 1700), dtype=np.uint8)
+    for layout in ({"tiled": True, "blockxsize": 128, "blockysize": 128}, {"tiled": False, "blockysize": 8}):
+        src = RasterSource(write_tif(tmp_path / f"s{len(layout)}.tif", img, **layout))
+        reads: list[tuple[int, int, int, int]] = []
+        real = RasterSource.read_raw
+        monkeypatch.setattr(RasterSource, "read_raw", lambda self, w, out=None: reads.append(
+            (int(w.col_off), int(w.row_off), int(w.width), int(w.height))) or real(self, w, out))
+        tiles = list(iter_tiles(src.width, src.height, 512, 128))
+        assert sum(len(b.tiles) for b in _all_batches(src, tiles, 512)) == len(tiles) == 20
+        monkeypatch.setattr(RasterSource, "read_raw", real)
+        count = np.zeros(img.shape, dtype=np.int32)
+        bh, bw = src.block_shapes[0]
+        for x, y, w, h in reads:
+            count[y : y + h, x : x + w] += 1
+            assert y % bh == 0 and (y + h) % bh in (0, src.height % bh)  # whole blocks (or strips)
+            assert x % bw == 0 or src.is_striped
+        assert (count == 1).all()  # every pixel decoded exactly once
+        src.close()
+
+
+def test_slabs_in_memory_stay_bounded_by_two_rows_of_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = np.random.default_rng(3).integers(0, 255, (8000, 600), dtype=np.uint8)
+    src = RasterSource(write_tif(tmp_path / "tall.tif", img, blockxsize=256, blockysize=256))
+    live: list[int] = []
+    real = SlabReader.request
+
+    def request(self: SlabReader, index: int) -> None:
+        real(self, index)
+        live.append(len(self.slabs))
+
+    monkeypatch.setattr(SlabReader, "request", request)
+    tiles = list(iter_tiles(src.width, src.height, 512, 64))
+    assert sum(len(b.tiles) for b in _all_batches(src, tiles, 512, batch=2)) == len(tiles)
+    assert len(live) == -(-8000 // 256)  # every slab requested once
+    # batch 2 = one row of windows (stride 448); depth 2: three rows in flight, two tile heights read ahead
+    bound = (3 * 448 + 512 + 2 * 512) // 256 + 2
+    assert max(live) <= bound < len(live) / 2
 
 
 def test_striped_and_tiled_scenes_give_the_same_detections(tmp_path: Path) -> None:
@@ -144,42 +210,19 @@ def test_stretch_sample_windows_decode_one_block_each_and_match_the_scene(tmp_pa
         src.close()
 
 
-def test_block_cache_covers_a_tile_row_of_blocks_and_is_bounded(tmp_path: Path) -> None:
-    tiled = RasterSource(write_tif(tmp_path / "t.tif", np.zeros((300, 40000), dtype=np.uint16), blockxsize=512, blockysize=512))
-    # (1024 + 2 * 512) rows x 40000 columns x 2 bytes, plus a quarter for LRU slack
-    assert tiled.block_cache_bytes(1024) == 2048 * 40000 * 2 * 5 // 4
-    small = RasterSource(write_tif(tmp_path / "small.tif", np.zeros((300, 300), dtype=np.uint8)))
-    assert small.block_cache_bytes(1024) == 32 << 20  # never below GDAL's working minimum
-    striped = RasterSource(write_tif(tmp_path / "s.tif", np.zeros((300, 4000), dtype=np.uint8), tiled=False))
-    assert striped.block_cache_bytes(1024) is None  # row bands decode each strip once anyway
-
-
-def test_pipeline_raises_gdal_block_cache_while_reading_and_restores_it(tmp_path: Path) -> None:
-    path = write_tif(tmp_path / "t.tif", paint((600, 700), planted_grid()))
-    seen: list[str | None] = []
-
-    class Spy(FakeEngine):
-        def _infer(self, images):  # type: ignore[no-untyped-def]
-            seen.append(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
-            return super()._infer(images)
-
-    before = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
-    ScenePipeline(Spy(256), Config(tile_size=256, overlap=32)).run(path)
-    assert seen and all(int(v) == 32 << 20 for v in seen)
-    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == before
-
-
-def test_slots_are_filled_whole_from_uninitialised_memory(tmp_path: Path) -> None:
-    from rs_detect.io.prefetch import _fill
-
+def test_cuts_fill_slots_whole_from_uninitialised_memory(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     for shape in ((300, 400), (200, 400)):  # full tiles; tiles padded below (the scene is shorter than a tile)
         img = rng.integers(1, 255, shape, dtype=np.uint8)
         src = RasterSource(write_tif(tmp_path / f"t{shape[0]}.tif", img))
         tile = next(iter_tiles(400, shape[0], 256, 32))
-        data = np.full((1, 256, 256), 77, dtype=np.uint8)  # garbage, as torch.empty leaves it
-        valid = np.ones((256, 256), dtype=bool)
-        empty, needs_mask = _fill(src, tile, data, valid)
+        with ThreadPoolExecutor(2) as pool:
+            reader = SlabReader(src, pool, 2)
+            for i in reader.span(tile):
+                reader.request(i)
+            data = np.full((1, 256, 256), 77, dtype=np.uint8)  # garbage, as torch.empty leaves it
+            valid = np.ones((256, 256), dtype=bool)
+            empty, needs_mask = reader.cut(tile, reader.hold(tile), data, valid)
         h, w = tile.height, tile.width
         np.testing.assert_array_equal(data[0, :h, :w], img[:h, :w])
         assert not empty
@@ -229,7 +272,7 @@ def test_cuda_upload_stream_gives_the_cpu_input(tmp_path: Path) -> None:
     cpu = Normalizer(src, torch.device("cpu"), torch.float32)
     gpu = Normalizer(src, torch.device("cuda"), torch.float16)
     with ThreadPoolExecutor(2) as pool:
-        batches = list(window_batches(src, iter_tiles(900, 700, 256, 32), pool, 4, 256, pin=True, depth=2))
+        batches = list(window_batches(src, iter_tiles(900, 700, 256, 32), pool, 4, 256, pin=True, depth=2, threads=2))
     outs = [gpu(b) for b in batches]  # all queued before any is read back
     for b, out in zip(batches, outs):
         assert out.dtype == torch.float16 and out.device.type == "cuda"

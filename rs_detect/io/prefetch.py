@@ -1,17 +1,17 @@
 """Read tiles ahead of the engine, in order, with bounded memory; assemble raw batches.
 
-Two strategies, chosen by the file's layout:
+Overlapping windows share pixels, and a window read decodes every block it touches: read one by one,
+a 1024-pixel window at an 832-pixel stride over 512-pixel blocks decodes up to three rows and columns of
+blocks, about three times the scene's pixels (GDAL's block cache is per dataset handle, and every
+reader thread has its own). So the scene is decoded once, in *slabs*: full-width bands of whole block
+rows (tiled files) or of whole strips (striped files). Each slab is decoded by the reader pool in parts
+that are whole blocks (column chunks of a block row; row chunks of strips), straight into the slab's
+array; then cutter threads copy each window from the slabs into its slot of a pinned batch. Each block
+is decoded exactly once, by all the cores, and the copies are parallel too.
 
-* :func:`window_batches` (tiled files): a pool of threads reads windows straight into the slots of
-  pinned batches; each thread has its own dataset handle and GDAL releases the GIL while decoding,
-  so decoding (and the copy) use the cores.
-* :class:`RowBandReads` (striped files): a window read of a striped file decodes whole image rows, so
-  reading each window separately would decode every strip once per window of the row. Instead each row
-  of windows reads one full-width band once (split in row chunks across the threads) and cuts its
-  windows from it; the next band is read while the current one is consumed.
-
-Memory is bounded by the read-ahead depth (and one or two row bands), never by the scene size.
-Raw pixels stay in the file's dtype here; scaling runs later on the engine's device.
+Memory: the slabs a row of windows needs plus the next row's (about ``tile + stride + slab`` rows of
+the scene's width) and ``depth`` batches ahead, never the scene size. Raw pixels stay in the file's
+dtype here; scaling runs later on the engine's device.
 """
 
 from __future__ import annotations
@@ -68,127 +68,186 @@ class RawBatch:
         return len(self.tiles)
 
 
-class RowBandReads:
-    """Striped files: one full-width band per row of windows, decoded once, split across threads."""
+SLAB_ROWS = 256  # the smallest slab: whole blocks or strips of at least this many rows
+MAX_SLAB_ROWS = 1024  # a block taller than this (one strip for a whole image) is read in bands anyway
 
-    def __init__(self, src: RasterSource, pool: ThreadPoolExecutor, chunks: int) -> None:
-        self.src, self.pool, self.chunks = src, pool, max(1, chunks)
-        self._band_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-band")
 
-    def _read_band(self, row_off: int, height: int) -> tuple[np.ndarray, np.ndarray | None]:
-        step = -(-height // self.chunks)
-        parts = [
-            self.pool.submit(self.src.read_raw, Window(0, y, self.src.width, min(step, row_off + height - y)))
-            for y in range(row_off, row_off + height, step)
-        ]
-        results = [p.result() for p in parts]
-        data = np.concatenate([r[0] for r in results], axis=1)
-        valids = [r[1] for r in results]
-        valid = None if all(v is None for v in valids) else np.concatenate(
-            [v if v is not None else np.ones(r[0].shape[1:], dtype=bool) for v, r in zip(valids, results)]
-        )
-        return data, valid
+@dataclass
+class _Part:
+    """One decode job of a slab: columns [x0, x1) x rows [y0, y1) of the scene, whole blocks."""
 
-    def __call__(self, tiles: Iterable[Tile]) -> Iterator[RawTile]:
-        rows: dict[int, list[Tile]] = {}
-        for t in tiles:
-            rows.setdefault(t.row, []).append(t)
-        order = sorted(rows)
-        futures: dict[int, Future[tuple[np.ndarray, np.ndarray | None]]] = {}
+    x0: int
+    x1: int
+    future: Future[None]
 
-        def start(i: int) -> None:
-            if i < len(order) and order[i] not in futures:
-                first = rows[order[i]][0]
-                futures[order[i]] = self._band_pool.submit(self._read_band, first.row_off, first.height)
 
+@dataclass
+class _Slab:
+    y0: int
+    y1: int
+    data: np.ndarray  # [bands, y1 - y0, width], the file's dtype
+    valid: np.ndarray | None  # [y1 - y0, width] bool, None: the scene has no mask
+    parts: list[_Part]
+    users: int = 0  # cuts submitted and not yet done
+    passed: bool = False  # no later window needs it
+
+
+class SlabReader:
+    """Decodes a scene once, slab by slab, and cuts windows from the slabs into batch slots."""
+
+    def __init__(self, src: RasterSource, pool: ThreadPoolExecutor, threads: int) -> None:
+        self.src, self.pool = src, pool
+        self.threads = max(1, threads)
+        self.bands = len(src.plan.indexes)
+        block_h, block_w = src.block_shapes[0]
+        self.striped = src.is_striped
+        if block_h > MAX_SLAB_ROWS:
+            self.rows = MAX_SLAB_ROWS
+        else:
+            self.rows = block_h * max(1, -(-SLAB_ROWS // block_h))
+        # parts: column chunks of whole blocks (tiled); row chunks of whole strips (striped)
+        jobs = 2 * self.threads
+        if self.striped:
+            strips = max(1, self.rows // max(1, min(block_h, self.rows)))
+            self.part_rows = max(1, -(-strips // jobs)) * min(block_h, self.rows)
+            self.part_cols = src.width
+        else:
+            blocks = -(-src.width // block_w)
+            self.part_rows = self.rows
+            self.part_cols = max(1, -(-blocks // jobs)) * block_w
+        self.slabs: dict[int, _Slab] = {}
+        self._lock = threading.Lock()
+        self.decoded_rows = 0  # scene rows decoded so far (each exactly once): for tests and benchmarks
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _decode(self, slab: _Slab, x0: int, y0: int, w: int, h: int) -> None:
+        dy = y0 - slab.y0
+        out = slab.data[:, dy : dy + h, x0 : x0 + w]
+        raw, valid = self.src.read_raw(Window(x0, y0, w, h), out=out)
+        if raw is not out:
+            out[...] = raw
+        if slab.valid is not None:
+            slab.valid[dy : dy + h, x0 : x0 + w] = True if valid is None else valid
+
+    def request(self, index: int) -> None:
+        """Start decoding slab ``index`` (if it exists and is not started)."""
+        y0 = index * self.rows
+        if index in self.slabs or y0 >= self.src.height:
+            return
+        y1 = min(y0 + self.rows, self.src.height)
+        data = np.empty((self.bands, y1 - y0, self.src.width), dtype=self.src.dtype)
+        valid = np.empty((y1 - y0, self.src.width), dtype=bool) if self.src.has_mask else None
+        slab = _Slab(y0, y1, data, valid, [])
+        for y in range(y0, y1, self.part_rows):
+            h = min(self.part_rows, y1 - y)
+            for x in range(0, self.src.width, self.part_cols):
+                w = min(self.part_cols, self.src.width - x)
+                slab.parts.append(_Part(x, x + w, self.pool.submit(self._decode, slab, x, y, w, h)))
+        self.decoded_rows += y1 - y0
+        with self._lock:
+            self.slabs[index] = slab
+
+    def span(self, tile: Tile) -> range:
+        """Indexes of the slabs that hold the rows of ``tile``."""
+        return range(tile.row_off // self.rows, (tile.row_off + tile.height - 1) // self.rows + 1)
+
+    def pass_before(self, index: int) -> None:
+        """No window from now on needs slabs before ``index``: free them once their cuts are done."""
+        with self._lock:
+            for i in [i for i in self.slabs if i < index]:
+                slab = self.slabs[i]
+                slab.passed = True
+                if slab.users == 0:
+                    del self.slabs[i]
+
+    def hold(self, tile: Tile) -> list[_Slab]:
+        with self._lock:
+            slabs = [self.slabs[i] for i in self.span(tile)]
+            for slab in slabs:
+                slab.users += 1
+        return slabs
+
+    def _release(self, slabs: list[_Slab]) -> None:
+        with self._lock:
+            for slab in slabs:
+                slab.users -= 1
+                if slab.users == 0 and slab.passed:
+                    self.slabs.pop(slab.y0 // self.rows, None)
+
+    # -- cutting -------------------------------------------------------------------------------
+
+    def cut(self, tile: Tile, slabs: list[_Slab], data: np.ndarray, valid: np.ndarray) -> tuple[bool, bool]:
+        """Copy ``tile`` from its slabs into a batch slot (uninitialised memory, written whole).
+
+        Waits only for the slab parts under the window. Returns (empty, needs_mask): all nodata, and
+        whether the slot has invalid pixels (nodata or padding); ``valid`` is written only then.
+        """
         try:
-            for i, r in enumerate(order):
-                start(i)
-                start(i + 1)  # the next band decodes while this one is cut into windows
-                band, valid = futures.pop(r).result()
-                for t in rows[r]:
-                    x, w = t.col_off, t.width
-                    v = None if valid is None else valid[:, x : x + w]
-                    yield RawTile(t, band[:, :, x : x + w], v)
+            x, y, w, h = tile.col_off, tile.row_off, tile.width, tile.height
+            has_mask = slabs[0].valid is not None
+            any_invalid = False
+            for slab in slabs:
+                for part in slab.parts:
+                    if part.x0 < x + w and x < part.x1:
+                        part.future.result()
+                a, b = max(y, slab.y0), min(y + h, slab.y1)
+                data[:, a - y : b - y, :w] = slab.data[:, a - slab.y0 : b - slab.y0, x : x + w]
+                if has_mask:
+                    assert slab.valid is not None
+                    v = slab.valid[a - slab.y0 : b - slab.y0, x : x + w]
+                    valid[a - y : b - y, :w] = v
+                    any_invalid = any_invalid or not v.all()
+            padded = (h, w) != data.shape[1:]
+            if padded:
+                data[:, h:, :] = 0
+                data[:, :h, w:] = 0
+                if not has_mask:
+                    valid[:h, :w] = True
+                valid[h:, :] = False
+                valid[:h, w:] = False
+            empty = has_mask and not valid[:h, :w].any()
+            return empty, padded or any_invalid
         finally:
-            for fut in futures.values():
-                fut.cancel()
-            self._band_pool.shutdown(wait=True, cancel_futures=True)
+            self._release(slabs)
 
-
-def assemble(raws: Iterable[RawTile], batch_size: int, size: int, bands: int, dtype: np.dtype, pin: bool) -> Iterator[RawBatch | RawTile]:
-    """Group non-empty tiles into batches of ``batch_size``; empty (all-nodata) tiles pass through."""
-    tdtype = TORCH_DTYPES.get(np.dtype(dtype), torch.float32)
-    group: list[RawTile] = []
-
-    def flush() -> RawBatch:
-        n = len(group)
-        data = torch.zeros((n, bands, size, size), dtype=tdtype, pin_memory=pin)
-        view = data.numpy()
-        need_valid = any(r.valid is not None or r.data.shape[1:] != (size, size) for r in group)
-        valid = torch.zeros((n, size, size), dtype=torch.bool, pin_memory=pin) if need_valid else None
-        for i, r in enumerate(group):
-            _, h, w = r.data.shape
-            view[i, :, :h, :w] = r.data
-            if valid is not None:
-                vv = valid.numpy()
-                vv[i, :h, :w] = True if r.valid is None else r.valid
-        return RawBatch(data, valid, tuple(r.tile for r in group))
-
-    for raw in raws:
-        if raw.empty:
-            yield raw
-            continue
-        group.append(raw)
-        if len(group) == batch_size:
-            yield flush()
-            group = []
-    if group:
-        yield flush()
-
-
-def _fill(src: RasterSource, tile: Tile, data: np.ndarray, valid: np.ndarray) -> tuple[bool, bool]:
-    """Read ``tile`` straight into its batch slot (in a reader thread, so the copy is parallel too).
-
-    The slot is uninitialised memory: a full tile is decoded into it directly; an edge tile is
-    copied in and its padding zeroed. ``valid`` is written only when the slot needs a mask.
-    Returns (empty, needs_mask): all nodata, and whether the slot has invalid pixels (nodata or padding).
-    """
-    raw, v = src.read_raw(tile.window, out=data)
-    _, h, w = raw.shape
-    padded = (h, w) != data.shape[1:]
-    if raw is not data:
-        data[:, :h, :w] = raw
-    if padded:
-        data[:, h:, :] = 0
-        data[:, :h, w:] = 0
-    if v is None and not padded:
-        return False, False
-    if padded:
-        valid.fill(False)
-    valid[:h, :w] = True if v is None else v
-    return (v is not None and not v.any()), True
+    def cancel(self) -> None:
+        with self._lock:
+            for slab in self.slabs.values():
+                for part in slab.parts:
+                    part.future.cancel()
+            self.slabs.clear()
 
 
 def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
-                   size: int, pin: bool, depth: int) -> Iterator[RawBatch | RawTile]:
-    """Tiled files: batches whose slots the reader threads fill directly, ``depth`` batches ahead.
+                   size: int, pin: bool, depth: int, threads: int) -> Iterator[RawBatch | RawTile]:
+    """Batches of tiles in scene order, ``depth`` batches ahead, each block of the scene decoded once.
 
-    At GPU speeds a single thread copying tiles into the batch would itself be the bottleneck
-    (gigabytes per second), so each reader thread decodes and copies its own tile.
+    ``pool`` (of ``threads`` threads) decodes slab parts; a second pool of as many threads cuts windows into the batch slots
+    (a cut waits for its slab parts, so the two must not share threads). At GPU speeds one thread
+    copying tiles into batches would itself be the bottleneck (gigabytes per second).
     """
+    reader = SlabReader(src, pool, threads)
     tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
-    bands = len(src.plan.indexes)
+    bands = reader.bands
     pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor, list[Future[tuple[bool, bool]]]]] = deque()
+    lookahead = 0  # slabs started so far: [0, lookahead)
+    cutters = ThreadPoolExecutor(threads, thread_name_prefix="rs-cut")
 
     def start(group: list[Tile]) -> None:
+        nonlocal lookahead
+        # decode every slab this batch needs, and those of the next row of windows (one tile further down)
+        last = reader.span(group[-1])
+        ahead = (min(group[-1].row_off + 2 * size, src.height) - 1) // reader.rows
+        for i in range(lookahead, max(last[-1], ahead) + 1):
+            reader.request(i)
+        lookahead = max(lookahead, ahead + 1, last[-1] + 1)
         n = len(group)
-        # uninitialised: each reader thread writes its whole slot (zeroing 32 MB per batch here, in
-        # one thread, cost more than the decoding it waited for)
         data = torch.empty((n, bands, size, size), dtype=tdtype, pin_memory=pin)
         valid = torch.empty((n, size, size), dtype=torch.bool, pin_memory=pin)
         d, v = data.numpy(), valid.numpy()
-        futs = [pool.submit(_fill, src, t, d[i], v[i]) for i, t in enumerate(group)]
+        futs = [cutters.submit(reader.cut, t, reader.hold(t), d[i], v[i]) for i, t in enumerate(group)]
+        reader.pass_before(reader.span(group[-1])[0])
         pending.append((group, data, valid, futs))
 
     def finish() -> Iterator[RawBatch | RawTile]:
@@ -230,6 +289,8 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         for *_, futs in pending:
             for f in futs:
                 f.cancel()
+        cutters.shutdown(wait=True, cancel_futures=True)
+        reader.cancel()
 
 
 _DONE = object()

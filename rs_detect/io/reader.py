@@ -46,13 +46,10 @@ from rs_detect.types import ScaleInfo
 log = logging.getLogger(__name__)
 
 # GDAL caches decoded blocks up to 5 % of RAM by default: on a 24 GiB machine that is over 1 GiB of
-# resident memory that grows with the scene until the cap. Idle, we keep it small; while a tiled scene
-# is read, the pipeline raises it to what neighbouring windows need to share their blocks
-# (RasterSource.block_cache_bytes). A GDAL_CACHEMAX the user set is never overridden.
-USER_CACHEMAX = "GDAL_CACHEMAX" in os.environ
+# resident memory that grows with the scene until the cap. The pipeline decodes every block once, into
+# slabs of its own (io.prefetch), so the cache has nothing to share: keep it small. A GDAL_CACHEMAX
+# the user set is never overridden.
 os.environ.setdefault("GDAL_CACHEMAX", "16")
-MIN_BLOCK_CACHE = 32 << 20
-MAX_BLOCK_CACHE = 1 << 30
 STATS_GRID = 8  # sample windows per axis for the percentile stretch
 STATS_WINDOW = 256
 
@@ -333,21 +330,6 @@ class RasterSource:
         """Blocks span the full width: a window read decodes whole rows, so read row bands instead."""
         block_h, block_w = self.block_shapes[0]
         return block_w >= self.width and self.width > 1
-
-    def block_cache_bytes(self, tile_size: int) -> int | None:
-        """GDAL block cache that lets overlapping windows share decoded blocks; None where it does not help.
-
-        A tile row of a tiled file touches ``tile_size / block_height + 1`` rows of blocks, and the next
-        tile row starts inside the last of them. With room for those rows plus one (and some slack for
-        LRU order), every block is decoded once instead of about twice; with GDAL's small idle cache
-        each shared block is decoded again. The size depends on the scene's width, capped at 1 GiB.
-        Striped files return None: their row bands are decoded once anyway.
-        """
-        if self.is_striped:
-            return None
-        block_h = self.block_shapes[0][0]
-        need = (tile_size + 2 * block_h) * self.width * self.count * self.dtype.itemsize * 5 // 4
-        return int(min(max(need, MIN_BLOCK_CACHE), MAX_BLOCK_CACHE))
 
     def read_raw(self, window: Window, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw bands [B, h, w] in the file's dtype, and the valid-pixel mask [h, w] (None: all valid).
