@@ -16,7 +16,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,8 +32,8 @@ from rs_detect.config import Config
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
-from rs_detect.io.reader import USER_CACHEMAX, RasterSource
-from rs_detect.io.prefetch import RawBatch, RawTile, RowBandReads, assemble, in_background, window_batches
+from rs_detect.io.reader import RasterSource
+from rs_detect.io.prefetch import RawBatch, RawTile, in_background, window_batches
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer
@@ -102,6 +101,7 @@ class ScenePipeline:
         if not self.meta.dynamic_batch:
             self.batch_size = self.meta.max_batch
         self._side_stream: torch.cuda.Stream | None = None
+        engine.warmup(self.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
         if model_sha256 is None and model_path and model_path.is_file():
             model_sha256 = file_sha256(model_path)
         self._model_hash = model_sha256
@@ -120,11 +120,7 @@ class ScenePipeline:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
         pin = self.engine.device.type == "cuda"
-        if src.is_striped:
-            reads = RowBandReads(src, pool, cfg.read_threads)(tiles)
-            batches = assemble(reads, self.batch_size, self.meta.imgsz, len(src.plan.indexes), src.dtype, pin)
-        else:
-            batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch)
+        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, cfg.read_threads)
         return in_background(batches, cfg.prefetch, name="rs-batches")
 
     def _postprocess(self, raw: torch.Tensor, tiles: tuple[Tile, ...], stats: RunStats,
@@ -152,11 +148,6 @@ class ScenePipeline:
         cands = decode(raw, self.meta, self.stitch_params)
         kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
         return to_scene(kept, tiles, self.config.edge_margin).to("cpu")
-
-    def _block_cache(self, src: RasterSource) -> Any:
-        """GDAL's block cache sized so overlapping windows share decoded blocks (unless the user set it)."""
-        size = None if USER_CACHEMAX else src.block_cache_bytes(self.tile_size)
-        return rasterio.Env(GDAL_CACHEMAX=size) if size else nullcontext()
 
     # -- the scene ---------------------------------------------------------------------------------
 
@@ -188,7 +179,7 @@ class ScenePipeline:
                 bar.set_postfix(detections=stats.detections_raw, refresh=False)
 
             trim = HeapTrimmer()
-            with bar, self._block_cache(src), ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
+            with bar, ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
                     ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
                 t_wait = time.perf_counter()
                 stats.add_time("setup", t_wait - start - stats.stage_seconds["open"])

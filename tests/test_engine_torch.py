@@ -119,6 +119,37 @@ def test_cuda_fp16_matches_cpu_fp32(ts_path: Path) -> None:
     assert json.dumps(gpu.raw_metadata)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_matches_eager_for_full_padded_and_larger_batches(ts_path: Path) -> None:
+    eager = TorchScriptEngine(ts_path, device="cuda", cuda_graphs=False)
+    graphs = TorchScriptEngine(ts_path, device="cuda", cuda_graphs=True)
+    graphs.warmup(8)
+    assert graphs._graph is not None and graphs._graph.batch == 8 and eager._graph is None
+    outs = []
+    for n, seed in ((8, 1), (5, 2), (8, 3), (12, 4)):  # full, padded into the graph, full again, eager (too big)
+        x = torch.from_numpy(_images(n, seed)).half().cuda()
+        got, want = graphs.infer(x), eager.infer(x)
+        assert got.shape == want.shape == (n, *want.shape[1:])
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        outs.append(got)
+    # each result is its own tensor: later replays did not overwrite the first batch's output
+    torch.testing.assert_close(outs[0], eager.infer(torch.from_numpy(_images(8, 1)).half().cuda()), atol=2e-3, rtol=2e-3)
+
+
+def test_cuda_graphs_are_off_on_the_cpu_and_by_environment(ts_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = TorchScriptEngine(ts_path, device="cpu", cuda_graphs=True)
+    assert not engine.cuda_graphs
+    engine.warmup(4)  # nothing to capture on the CPU: a no-op
+    assert engine._graph is None
+    from rs_detect.engines import torch as ts
+
+    monkeypatch.setenv("RS_DETECT_CUDA_GRAPHS", "0")
+    assert not ts.cuda_graphs_default()
+    monkeypatch.setenv("RS_DETECT_CUDA_GRAPHS", "1")
+    assert ts.cuda_graphs_default()
+
+
 def test_gpu_check_tool_runs_without_the_geo_packages(tmp_path: Path) -> None:
     """tools/gpu_check.py must run where rasterio/geopandas/shapely are absent (the GPU image)."""
     import subprocess

@@ -57,6 +57,9 @@ class Engine(ABC):
             self._checked = True
         return out[:n]
 
+    def warmup(self, batch: int) -> None:  # noqa: B027 - optional hook
+        """Prepare for batches of ``batch`` before the first scene (e.g. capture a CUDA graph)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources (sessions, contexts, device buffers)."""
 

@@ -6,13 +6,20 @@ the device the module and inputs live on and the precision (fp16 on CUDA by defa
 CPU). Metadata comes from the archive's ``config.txt`` extra file (Ultralytics writes its JSON
 metadata there), then a model YAML on top. The output stays on the model's device, so decode and NMS
 run there too (:func:`rs_detect.postprocess.decode.decode` moves its thresholds to ``raw.device``).
+
+On CUDA the forward pass is captured once as a CUDA graph and replayed for every batch: one launch
+instead of a few hundred kernel launches from the interpreter, so the GPU never waits for a CPU thread
+that shares the cores with the decoders. Batches smaller than the captured size are padded into it;
+``RS_DETECT_CUDA_GRAPHS=0`` (or ``cuda_graphs=False``) runs the module eagerly.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +87,30 @@ def use_simple_executor() -> None:
     torch._C._jit_set_profiling_executor(False)
 
 
+def cuda_graphs_default() -> bool:
+    return os.environ.get("RS_DETECT_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A captured forward pass: replaying it reads ``input`` and overwrites ``output``."""
+
+    graph: torch.cuda.CUDAGraph
+    input: torch.Tensor
+    output: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return int(self.input.shape[0])
+
+
 class TorchScriptEngine(Engine):
     """A TorchScript detector on the CPU (fp32) or one CUDA GPU (fp16 unless ``half=False``)."""
 
     backend = "torchscript"
 
-    def __init__(self, path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, half: bool | None = None) -> None:
+    def __init__(self, path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, half: bool | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
@@ -100,22 +125,63 @@ class TorchScriptEngine(Engine):
             opt = DEFAULT_OPT_BATCH[dev.type]
             meta = meta.with_batch(1, opt, DEFAULT_MAX_BATCH, dynamic=True)
         self.raw_metadata = raw
+        self.cuda_graphs = dev.type == "cuda" and (cuda_graphs_default() if cuda_graphs is None else bool(cuda_graphs))
+        self._graph: _Graph | None = None
         super().__init__(meta, dev)
 
     @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(np.float16) if self.half else np.dtype(np.float32)
 
+    def warmup(self, batch: int) -> None:
+        """Capture the CUDA graph for batches of up to ``batch`` before the first scene (CUDA only)."""
+        if self.cuda_graphs and self._graph is None:
+            shape = (max(self.meta.min_batch, min(batch, self.meta.max_batch)), self.meta.channels, self.meta.imgsz, self.meta.imgsz)
+            self._capture(torch.zeros(shape, dtype=torch.float16 if self.half else torch.float32, device=self.device))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def _capture(self, x: torch.Tensor) -> _Graph:
+        """Warm the module up on a side stream, then capture one forward pass of ``x``'s shape."""
+        static_in = x.clone()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: reader threads pin host memory while the main thread captures
+        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_out = self._forward(static_in)
+        self._graph = _Graph(graph, static_in, static_out)
+        return self._graph
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        """The captured graph on ``x`` (padded up to the captured batch); eager where it does not fit."""
+        g = self._graph
+        if g is None:
+            g = self._capture(x)
+        n = int(x.shape[0])
+        if n > g.batch or x.shape[1:] != g.input.shape[1:] or x.dtype != g.input.dtype:
+            return self._forward(x)
+        g.input[:n].copy_(x)
+        if n < g.batch:
+            g.input[n:].zero_()
+        g.graph.replay()
+        return g.output[:n].to(torch.float32, copy=True)  # the next replay overwrites the graph's output
+
     def _infer(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32, non_blocking=True)
         with torch.inference_mode():
-            out = self.module(x)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
+            out = self._replay(x) if self.cuda_graphs else self._forward(x)
         return out.float()
 
     def close(self) -> None:
+        self._graph = None
         self.module = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
