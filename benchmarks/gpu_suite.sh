@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 5's GPU benchmark in one go (what the README's H200 table comes from):
 #   bash benchmarks/gpu_suite.sh OUTDIR [TRAINED_YOLOV8N.pt]
-# Scenes (uint16 DEFLATE tiled 8k/16k/32k, striped 32k, uint8 LZW tiled/striped 8k), TorchScript models
-# (random-weight YOLOv8m, YOLOv8n trained if given), then engine-only vs end-to-end per scene, each in
-# a fresh process, PyTorch backend, fp16, on cuda. Scenes and models go to $BENCH_WORK (/tmp/bench).
+# Scenes (uint16 DEFLATE tiled 8k/16k/32k, striped 32k, uint8 DEFLATE tiled 32k, uint8 LZW tiled/striped
+# 8k), TorchScript models (random-weight YOLOv8m, YOLOv8n trained if given), then engine-only vs
+# end-to-end per scene, each in a fresh process, PyTorch backend, fp16, on cuda, CUDA graphs on (and
+# once off, RS_DETECT_CUDA_GRAPHS=0, for comparison). Scenes and models go to $BENCH_WORK (/tmp/bench);
+# models already there are reused (BENCH_SKIP_MODELS=1 skips making them: no Ultralytics needed).
 set -euo pipefail
 OUT=${1:?usage: gpu_suite.sh OUTDIR [YOLOV8N.pt]}
 V8N=${2:-}
@@ -14,9 +16,9 @@ OUT=$(realpath "$OUT"); W=$(realpath "$W"); [ -z "$V8N" ] || V8N=$(realpath "$V8
 cd "$(dirname "$0")/.."
 S=$W/scenes
 t0=$(date +%s)
-python3 benchmarks/make_models.py --out "$W/models" ${V8N:+--v8n-pt "$V8N"} 2>&1 | grep -v '^ *$' | tail -4
+[ "${BENCH_SKIP_MODELS:-0}" = 1 ] || python3 benchmarks/make_models.py --out "$W/models" ${V8N:+--v8n-pt "$V8N"} 2>&1 | grep -v '^ *$' | tail -4
 python3 benchmarks/bench_pipeline.py scenes --out "$S" --spec 8192:uint16:tiled:deflate 16384:uint16:tiled:deflate \
-  32768:uint16:tiled:deflate 32768:uint16:striped:deflate 8192:uint8:tiled:lzw 8192:uint8:striped:lzw
+  32768:uint16:tiled:deflate 32768:uint16:striped:deflate 32768:uint8:tiled:deflate 8192:uint8:tiled:lzw 8192:uint8:striped:lzw
 echo "setup: $(( $(date +%s) - t0 )) s"
 run() { python3 benchmarks/bench_pipeline.py run --device cuda --threads "$THREADS" --warmup "$@"; }
 run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16.csv" --png "$OUT/bench_v8m_b16.png" \
@@ -25,7 +27,10 @@ run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16
   "$S/scene_16384_uint16_tiled_deflate.tif" "$S/scene_8192_uint16_tiled_deflate.tif" \
   "$S/scene_8192_uint8_tiled_lzw.tif" "$S/scene_8192_uint8_striped_lzw.tif" \
   --seed-baseline "$S/scene_8192_uint16_tiled_deflate.tif"
+RS_DETECT_CUDA_GRAPHS=0 run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16_eager.csv" \
+  --scenes "$S/scene_32768_uint16_tiled_deflate.tif"
 run --model "$W/models/yolov8m.torchscript" --batch 32 --csv "$OUT/bench_v8m_b32.csv" --scenes "$S/scene_32768_uint16_tiled_deflate.tif"
-run --model "$W/models/yolov8n.torchscript" --batch 16 --csv "$OUT/bench_v8n_b16.csv" \
-  --scenes "$S/scene_32768_uint16_tiled_deflate.tif" "$S/scene_32768_uint16_striped_deflate.tif"
+run --model "$W/models/yolov8n.torchscript" --batch 16 --csv "$OUT/bench_v8n_b16.csv" --png "$OUT/bench_v8n_b16.png" \
+  --title "YOLOv8n, batch 16, fp16, PyTorch backend" \
+  --scenes "$S/scene_32768_uint16_tiled_deflate.tif" "$S/scene_32768_uint16_striped_deflate.tif" "$S/scene_32768_uint8_tiled_deflate.tif"
 echo "total: $(( $(date +%s) - t0 )) s"
