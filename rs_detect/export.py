@@ -160,7 +160,7 @@ def export_ultralytics(
     output: Path | None = None,
     device: str = "cpu",
 ) -> ModelInfo:
-    """``YOLO(weights).export(..., dynamic=True)``, moved to ``output``, then proven batch-dynamic.
+    """``YOLO(weights).export(...)``, moved to ``output``, then proven batch-dynamic (run at two batch sizes).
 
     ``simplify`` needs onnxslim; without it the export goes ahead unsimplified (TensorRT and ONNX
     Runtime optimise the graph themselves) and says so. Raises :class:`ModelError` when the result
@@ -172,7 +172,10 @@ def export_ultralytics(
     _import_ultralytics()
     from ultralytics import YOLO
 
-    kwargs: dict[str, Any] = {"format": fmt, "imgsz": imgsz, "dynamic": True, "device": device}
+    # TorchScript: a trace is batch-dynamic by itself (shapes come from x.shape); Ultralytics' dynamic=True
+    # would instead rebuild the anchors on every call from a CPU arange copied to the GPU, a blocking copy
+    # that drains the GPU's queue each batch and cannot be captured in a CUDA graph
+    kwargs: dict[str, Any] = {"format": fmt, "imgsz": imgsz, "dynamic": fmt != "torchscript", "device": device}
     if fmt == "onnx":
         kwargs["opset"] = opset
         kwargs["simplify"] = importlib.util.find_spec("onnxslim") is not None
