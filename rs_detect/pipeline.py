@@ -159,7 +159,7 @@ class ScenePipeline:
         cfg = self.config
         stats = RunStats()
         with RasterSource(scene, channels=self.meta.channels, bands=cfg.bands, scale=cfg.scale, fill_value=cfg.nodata_fill,
-                          background_scale=True) as src:
+                          background_scale=True, handles=cfg.read_threads) as src:
             stats.add_time("open", time.perf_counter() - start)  # header and georeferencing (the stretch runs alongside the reads)
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)

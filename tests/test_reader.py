@@ -161,9 +161,10 @@ def test_slabs_in_memory_stay_bounded_by_two_rows_of_windows(tmp_path: Path, mon
     live: list[int] = []
     real = SlabReader.request
 
-    def request(self: SlabReader, index: int) -> None:
-        real(self, index)
-        live.append(len(self.slabs))
+    def request(self: SlabReader, indexes: range) -> None:
+        for i in indexes:  # one at a time, to see the peak
+            real(self, [i])
+            live.append(len(self.slabs))
 
     monkeypatch.setattr(SlabReader, "request", request)
     tiles = list(iter_tiles(src.width, src.height, 512, 64))
@@ -218,8 +219,7 @@ def test_cuts_fill_slots_whole_from_uninitialised_memory(tmp_path: Path) -> None
         tile = next(iter_tiles(400, shape[0], 256, 32))
         with ThreadPoolExecutor(2) as pool:
             reader = SlabReader(src, pool, 2)
-            for i in reader.span(tile):
-                reader.request(i)
+            reader.request(reader.span(tile))
             data = np.full((1, 256, 256), 77, dtype=np.uint8)  # garbage, as torch.empty leaves it
             valid = np.ones((256, 256), dtype=bool)
             empty, needs_mask = reader.cut(tile, reader.hold(tile), data, valid)
@@ -244,6 +244,22 @@ def test_full_tiles_decode_into_the_callers_buffer(tmp_path: Path) -> None:
     wrong = np.empty((1, 256, 256), dtype=np.uint8)  # not the file's dtype: read into a new array
     raw, _ = src.read_raw(tile.window, out=wrong)
     assert raw is not wrong and raw.dtype == np.uint16
+    slab = np.zeros((1, 256, 400), dtype=np.uint16)  # a strided view (a slab's columns): written in place
+    view = slab[:, :, 100:356]
+    raw, _ = src.read_raw(rasterio.windows.Window(100, 0, 256, 256), out=view)
+    assert raw is view and np.array_equal(slab[0, :, 100:356], img[:256, 100:356]) and not slab[0, :, :100].any()
+
+
+def test_handles_for_reader_threads_are_opened_up_front_and_taken_on_first_read(tmp_path: Path) -> None:
+    img = np.arange(600 * 700, dtype=np.uint16).reshape(600, 700)
+    src = RasterSource(write_tif(tmp_path / "t.tif", img), handles=3, scale=ScaleConfig("fixed", 0.0, 1.0))
+    assert len(src._handles) == 4 and len(src._spare) == 3  # the main thread's, and three spares
+    with ThreadPoolExecutor(3) as pool:
+        tiles = list(iter_tiles(700, 600, 256, 32))
+        list(window_batches(src, tiles, pool, 2, 256, pin=False, depth=1, threads=3))
+    assert len(src._handles) == 4 and not src._spare  # the threads took the spares, none opened another
+    src.close()
+    assert not src._handles
 
 
 def test_heap_trimmer_trims_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:

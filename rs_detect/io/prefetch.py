@@ -70,6 +70,7 @@ class RawBatch:
 
 SLAB_ROWS = 256  # the smallest slab: whole blocks or strips of at least this many rows
 MAX_SLAB_ROWS = 1024  # a block taller than this (one strip for a whole image) is read in bands anyway
+PART_BYTES = 2 << 20  # striped files: decode jobs of whole strips, about this many bytes of pixels
 
 
 @dataclass
@@ -101,20 +102,24 @@ class SlabReader:
         self.bands = len(src.plan.indexes)
         block_h, block_w = src.block_shapes[0]
         self.striped = src.is_striped
-        if block_h > MAX_SLAB_ROWS:
-            self.rows = MAX_SLAB_ROWS
-        else:
-            self.rows = block_h * max(1, -(-SLAB_ROWS // block_h))
-        # parts: column chunks of whole blocks (tiled); row chunks of whole strips (striped)
-        jobs = 2 * self.threads
-        if self.striped:
-            strips = max(1, self.rows // max(1, min(block_h, self.rows)))
-            self.part_rows = max(1, -(-strips // jobs)) * min(block_h, self.rows)
+        if block_h > MAX_SLAB_ROWS:  # one strip for many rows: each read decodes it again anyway
+            self.rows = self.part_rows = MAX_SLAB_ROWS
+            self.part_cols = src.width
+        elif self.striped:
+            # parts: whole strips, about PART_BYTES each (a read per strip costs more than the strip);
+            # a slab: one part per thread, within the slab bounds
+            row_bytes = src.width * self.bands * src.dtype.itemsize
+            self.part_rows = block_h * max(1, round(PART_BYTES / (row_bytes * block_h)))
+            self.part_rows = min(self.part_rows, block_h * max(1, MAX_SLAB_ROWS // block_h))
+            parts = max(1, min(MAX_SLAB_ROWS // self.part_rows, max(-(-SLAB_ROWS // self.part_rows), self.threads)))
+            self.rows = parts * self.part_rows
             self.part_cols = src.width
         else:
+            # whole rows of blocks; parts: column chunks of whole blocks, two per thread
+            self.rows = block_h * max(1, -(-SLAB_ROWS // block_h))
             blocks = -(-src.width // block_w)
             self.part_rows = self.rows
-            self.part_cols = max(1, -(-blocks // jobs)) * block_w
+            self.part_cols = max(1, -(-blocks // (2 * self.threads))) * block_w
         self.slabs: dict[int, _Slab] = {}
         self._lock = threading.Lock()
         self.decoded_rows = 0  # scene rows decoded so far (each exactly once): for tests and benchmarks
@@ -130,23 +135,29 @@ class SlabReader:
         if slab.valid is not None:
             slab.valid[dy : dy + h, x0 : x0 + w] = True if valid is None else valid
 
-    def request(self, index: int) -> None:
-        """Start decoding slab ``index`` (if it exists and is not started)."""
-        y0 = index * self.rows
-        if index in self.slabs or y0 >= self.src.height:
-            return
-        y1 = min(y0 + self.rows, self.src.height)
-        data = np.empty((self.bands, y1 - y0, self.src.width), dtype=self.src.dtype)
-        valid = np.empty((y1 - y0, self.src.width), dtype=bool) if self.src.has_mask else None
-        slab = _Slab(y0, y1, data, valid, [])
-        for y in range(y0, y1, self.part_rows):
-            h = min(self.part_rows, y1 - y)
-            for x in range(0, self.src.width, self.part_cols):
-                w = min(self.part_cols, self.src.width - x)
-                slab.parts.append(_Part(x, x + w, self.pool.submit(self._decode, slab, x, y, w, h)))
-        self.decoded_rows += y1 - y0
-        with self._lock:
-            self.slabs[index] = slab
+    def request(self, indexes: Iterable[int]) -> None:
+        """Start decoding the slabs ``indexes`` (those that exist and are not started).
+
+        Their parts are queued column by column across the slabs: the windows at the left of the rows
+        of blocks asked for together (a batch's first windows) are ready first, not after whole slabs.
+        """
+        jobs: list[tuple[int, int, _Slab, int, int, int]] = []
+        for index in indexes:
+            y0 = index * self.rows
+            if index in self.slabs or y0 >= self.src.height:
+                continue
+            y1 = min(y0 + self.rows, self.src.height)
+            data = np.empty((self.bands, y1 - y0, self.src.width), dtype=self.src.dtype)
+            valid = np.empty((y1 - y0, self.src.width), dtype=bool) if self.src.has_mask else None
+            slab = _Slab(y0, y1, data, valid, [])
+            for y in range(y0, y1, self.part_rows):
+                for x in range(0, self.src.width, self.part_cols):
+                    jobs.append((x, y, slab, min(self.part_cols, self.src.width - x), min(self.part_rows, y1 - y), index))
+            self.decoded_rows += y1 - y0
+            with self._lock:
+                self.slabs[index] = slab
+        for x, y, slab, w, h, _ in sorted(jobs, key=lambda j: (j[0], j[5], j[1])):
+            slab.parts.append(_Part(x, x + w, self.pool.submit(self._decode, slab, x, y, w, h)))
 
     def span(self, tile: Tile) -> range:
         """Indexes of the slabs that hold the rows of ``tile``."""
@@ -239,8 +250,7 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         # decode every slab this batch needs, and those of the next row of windows (one tile further down)
         last = reader.span(group[-1])
         ahead = (min(group[-1].row_off + 2 * size, src.height) - 1) // reader.rows
-        for i in range(lookahead, max(last[-1], ahead) + 1):
-            reader.request(i)
+        reader.request(range(lookahead, max(last[-1], ahead) + 1))
         lookahead = max(lookahead, ahead + 1, last[-1] + 1)
         n = len(group)
         data = torch.empty((n, bands, size, size), dtype=tdtype, pin_memory=pin)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # the user set is never overridden.
 os.environ.setdefault("GDAL_CACHEMAX", "16")
 STATS_GRID = 8  # sample windows per axis for the percentile stretch
+STATS_THREADS = 4
 STATS_WINDOW = 256
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -130,9 +131,15 @@ class RasterSource:
         scale: ScaleConfig = ScaleConfig(),
         fill_value: float = 0.0,
         background_scale: bool = False,
+        handles: int = 0,
     ) -> None:
         """``background_scale``: measure the scene-wide stretch in a thread of its own, so the first
-        tiles decode meanwhile; :attr:`scale` waits for it (and re-raises its error) on first use."""
+        tiles decode meanwhile; :attr:`scale` waits for it (and re-raises its error) on first use.
+
+        ``handles``: dataset handles to open now, one after another, for that many reader threads
+        (plus the stretch's threads): opened by many threads at once, rasterio handles take about 20 times
+        longer (each open hands the GIL back and forth); these are taken by threads on their first read.
+        """
         self.path = Path(path)
         self.name = self.path.name
         if not self.path.exists():
@@ -141,6 +148,7 @@ class RasterSource:
             raise InputError(f"{self.path}: is a directory, not a raster")
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
+        self._spare: list[rasterio.DatasetReader] = []
         self._lock = threading.Lock()
         ds = self._dataset()
         self.width: int = ds.width
@@ -159,7 +167,10 @@ class RasterSource:
         self._lut = self._palette_lut(ds) if self.plan.combine == "palette" else None
         self._scale: ScaleInfo | None = None
         self._scale_job: Future[ScaleInfo] | None = None
-        if background_scale and self._needs_statistics(scale):
+        background = background_scale and self._needs_statistics(scale)
+        for _ in range(max(0, handles) + (STATS_THREADS if background else 0)):
+            self._spare.append(self._open())
+        if background:
             self._scale_pool = ThreadPoolExecutor(1, thread_name_prefix="rs-scale")
             self._scale_job = self._scale_pool.submit(lambda: self._scale_info(self._dataset(), scale))
             self._scale_pool.shutdown(wait=False)
@@ -176,21 +187,29 @@ class RasterSource:
 
     # -- dataset handles ---------------------------------------------------------------------------
 
+    def _open(self) -> rasterio.DatasetReader:
+        try:
+            with warnings.catch_warnings():
+                # a missing geotransform is reported once, in our own words (_georeferencing)
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                ds = rasterio.open(self.path)
+        except RasterioIOError as exc:
+            raise InputError(f"{self.path}: not a readable raster ({_one_line(exc)})") from None
+        except RasterioError as exc:
+            raise InputError(f"{self.path}: cannot open ({_one_line(exc)})") from None
+        with self._lock:
+            self._handles.append(ds)
+        return ds
+
     def _dataset(self) -> rasterio.DatasetReader:
+        """This thread's handle: its own, else a spare one opened up front, else a new one."""
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            try:
-                with warnings.catch_warnings():
-                    # a missing geotransform is reported once, in our own words (_georeferencing)
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    ds = rasterio.open(self.path)
-            except RasterioIOError as exc:
-                raise InputError(f"{self.path}: not a readable raster ({_one_line(exc)})") from None
-            except RasterioError as exc:
-                raise InputError(f"{self.path}: cannot open ({_one_line(exc)})") from None
-            self._local.ds = ds
             with self._lock:
-                self._handles.append(ds)
+                ds = self._spare.pop() if self._spare else None
+            if ds is None:
+                ds = self._open()
+            self._local.ds = ds
         return ds
 
     def close(self) -> None:
@@ -204,6 +223,7 @@ class RasterSource:
             for ds in self._handles:
                 ds.close()
             self._handles.clear()
+            self._spare.clear()
         self._local = threading.local()
 
     def __enter__(self) -> RasterSource:
@@ -263,7 +283,7 @@ class RasterSource:
                 arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=True)
                 return self._valid_values(arr)
             jobs = self._sample_bands()
-            with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, 8), thread_name_prefix="rs-stats") as pool:
+            with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, STATS_THREADS), thread_name_prefix="rs-stats") as pool:
                 parts = list(pool.map(self._sample_band, jobs))
             return np.concatenate([p for band in parts for p in band])
         except RasterioError as exc:
@@ -336,12 +356,12 @@ class RasterSource:
 
         Scaling happens later, on the engine's device (see :mod:`rs_detect.preprocess`), so the reader
         only decodes: the cheapest work per pixel that the CPU has to do. ``out``, when it is a
-        C-contiguous [B, h, w] array of the file's dtype (a full tile's batch slot), receives the pixels
-        directly: no temporary tile, no second copy.
+        [B, h, w] array of the file's dtype (a view into a slab or a batch slot; GDAL writes through its
+        strides), receives the pixels directly: no temporary tile, no second copy.
         """
         ds = self._dataset()
         shape = (len(self.plan.indexes), int(window.height), int(window.width))
-        if out is not None and not (out.shape == shape and out.dtype == self.dtype and out.flags.c_contiguous):
+        if out is not None and not (out.shape == shape and out.dtype == self.dtype):
             out = None
         try:
             raw = ds.read(self.plan.indexes, window=window, out=out)
