@@ -137,6 +137,56 @@ def test_cuda_graph_replay_matches_eager_for_full_padded_and_larger_batches(ts_p
     torch.testing.assert_close(outs[0], eager.infer(torch.from_numpy(_images(8, 1)).half().cuda()), atol=2e-3, rtol=2e-3)
 
 
+class _Syncs(torch.nn.Module):
+    """A forward pass that synchronises (a data-dependent shape): it cannot be captured as a CUDA graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MiniYolo()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + (x > 2).nonzero().sum() * 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_module_that_cannot_be_captured_runs_eagerly_with_a_warning(ts_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, meta = load_torchscript(ts_path)
+    path = tmp_path / "syncs.torchscript"
+    torch.jit.trace(_Syncs().eval(), torch.zeros(1, 1, 64, 64), check_trace=False).save(str(path), _extra_files={"config.txt": json.dumps(meta)})
+    engine = TorchScriptEngine(path, device="cuda")
+    with caplog.at_level("WARNING", logger="rs_detect.engines.torch"):
+        engine.warmup(4)
+    assert not engine.cuda_graphs and engine._graph is None
+    assert "cannot be captured as a CUDA graph" in caplog.text
+    x = torch.from_numpy(_images(4)).half().cuda()
+    assert engine.infer(x).shape[0] == 4  # eager, and the CUDA context still works
+
+
+def test_capture_failure_falls_back_to_eager_once(ts_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The fallback's logic on the CPU: a capture that raises leaves a working eager engine and one warning."""
+    from rs_detect.engines import torch as ts
+
+    engine = TorchScriptEngine(ts_path, device="cpu")
+    engine.cuda_graphs = True  # as on CUDA; capture itself needs a GPU, so it is made to fail here
+    calls: list[int] = []
+
+    def refuse(x: torch.Tensor) -> object:
+        calls.append(int(x.shape[0]))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "_capture", refuse)
+    monkeypatch.setattr(ts.torch.cuda, "synchronize", lambda *a: None)
+    want = TorchScriptEngine(ts_path, device="cpu").infer(_images(3))
+    with caplog.at_level("WARNING", logger="rs_detect.engines.torch"):
+        got = engine.infer(_images(3))  # the first batch tries to capture, then runs eagerly
+        again = engine.infer(_images(3))  # no second attempt
+    assert calls == [3] and not engine.cuda_graphs
+    assert caplog.text.count("cannot be captured as a CUDA graph") == 1
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+
+
 def test_cuda_graphs_are_off_on_the_cpu_and_by_environment(ts_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = TorchScriptEngine(ts_path, device="cpu", cuda_graphs=True)
     assert not engine.cuda_graphs

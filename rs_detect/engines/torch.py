@@ -16,6 +16,7 @@ that shares the cores with the decoders. Batches smaller than the captured size 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ import torch
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
 from rs_detect.errors import EngineUnavailableError, ModelError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_OPT_BATCH = {"cuda": 16, "cpu": 8}
@@ -137,7 +140,21 @@ class TorchScriptEngine(Engine):
         """Capture the CUDA graph for batches of up to ``batch`` before the first scene (CUDA only)."""
         if self.cuda_graphs and self._graph is None:
             shape = (max(self.meta.min_batch, min(batch, self.meta.max_batch)), self.meta.channels, self.meta.imgsz, self.meta.imgsz)
-            self._capture(torch.zeros(shape, dtype=torch.float16 if self.half else torch.float32, device=self.device))
+            self._try_capture(torch.zeros(shape, dtype=torch.float16 if self.half else torch.float32, device=self.device))
+
+    def _try_capture(self, x: torch.Tensor) -> _Graph | None:
+        """:meth:`_capture`, or eager from now on (with one warning) for a module that cannot be captured.
+
+        A module that copies from unpinned host memory or synchronises inside its forward pass (e.g. a
+        TorchScript exported with anchors rebuilt on the CPU per call) fails capture; it still runs eagerly.
+        """
+        try:
+            return self._capture(x)
+        except RuntimeError as exc:
+            log.warning("%s: cannot be captured as a CUDA graph, running it eagerly (%s)", self.path.name, " ".join(str(exc).split())[-200:])
+            self.cuda_graphs = False
+            torch.cuda.synchronize(self.device)
+            return None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(x)
@@ -161,9 +178,9 @@ class TorchScriptEngine(Engine):
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         """The captured graph on ``x`` (padded up to the captured batch); eager where it does not fit."""
-        g = self._graph
+        g = self._graph or self._try_capture(x)
         if g is None:
-            g = self._capture(x)
+            return self._forward(x)
         n = int(x.shape[0])
         if n > g.batch or x.shape[1:] != g.input.shape[1:] or x.dtype != g.input.dtype:
             return self._forward(x)
