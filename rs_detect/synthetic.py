@@ -628,7 +628,13 @@ class _Look:
             return rng.uniform(0.04, self.tarmac - 0.18)
         return rng.uniform(min(self.tarmac + 0.25, 0.9), 0.97)
 
-    def ship_value(self, rng: np.random.Generator) -> float:
+    def ship_value(self, rng: np.random.Generator, dim: float = 0.0) -> float:
+        """Hull grey; ``dim`` > 0 (hard chips): that share of optical hulls is barely above the water.
+
+        With ``dim`` 0 nothing extra is drawn, so ordinary chips and scenes keep their draws.
+        """
+        if dim > 0 and self.style == "optical" and rng.random() < dim:
+            return rng.uniform(self.water + _HARD_DIM_CONTRAST, _HARD_DIM_MAX)
         if self.style == "sar":
             return rng.uniform(0.7, 1.0)
         return rng.uniform(0.3, 0.45) if rng.random() < 0.15 else rng.uniform(0.55, 0.95)
@@ -671,6 +677,26 @@ class _Config:
     blobs: int
     roads: int
     length_range: tuple[float, float]
+    hard: _Hard | None = None  # a hard training chip (see render_chip's ``hard``); None: scenes and ordinary chips
+
+
+@dataclass(frozen=True)
+class _Hard:
+    """What makes a hard training chip hard: the shares of its ships that show the detectors' failure
+    modes, and the extra plane-sized round blobs (hard negatives for planes)."""
+
+    dim: float  # share of optical hulls drawn dim (grey between water + 0.06 and 0.45)
+    wake: float  # share of ships with a wake (ordinary chips: 0.5)
+    thin: float  # share of ships with a thin beam (0.08-0.12 x length, at least 2 px; ordinary: 0.11-0.2)
+    large: float  # share of ship lengths drawn from the upper half of the length range
+    round_blobs: int  # round blobs in plane greys anywhere in the chip
+    apron_blobs: int  # round blobs in plane greys on each apron or runway, most near parked planes
+
+
+_HARD_DIM_CONTRAST = 0.06  # a dim hull's grey is at least this much above the water's mean grey
+_HARD_DIM_MAX = 0.45  # ... and at most this (ordinary optical hulls: 0.3-0.45 in 15 %, else 0.55-0.95)
+_HARD_THIN = (0.08, 0.12)  # thin beams as a fraction of the length
+_HARD_MIN_BEAM = 2.0  # pixels: a thinner hull is a line a model cannot box
 
 
 def _scene_config(
@@ -697,13 +723,22 @@ def _scene_config(
 
 
 def _chip_config(
-    rng: np.random.Generator, size: int, style: Style | None, length_range: tuple[float, float], distractors: float = 1.0
+    rng: np.random.Generator,
+    size: int,
+    style: Style | None,
+    length_range: tuple[float, float],
+    distractors: float = 1.0,
+    hard: float = 0.0,
 ) -> _Config:
     """Dense chips: most have an airfield or water with several objects; a few are nearly empty.
 
     ``distractors`` multiplies the towns, lone buildings, bright points and blobs (hard negatives for
     training); the random draws are the same for any value, so 1.0 gives the chips it always gave.
+    ``hard`` is the probability of a hard chip (:func:`_hard_chip_config`); at 0 nothing is drawn for
+    it, so ordinary chips are exactly the chips they always were.
     """
+    if hard > 0 and rng.random() < hard:
+        return _hard_chip_config(rng, size, style, length_range, distractors)
     airfield = rng.random() < 0.55
     kind = rng.random()
     water = 0.0 if kind < 0.12 else 1.0 if kind < 0.25 else rng.uniform(0.2, 0.8)
@@ -724,6 +759,46 @@ def _chip_config(
         blobs=int(rng.integers(5, 60) * area * distractors),
         roads=int(rng.integers(0, 4)),
         length_range=length_range,
+    )
+
+
+def _hard_chip_config(
+    rng: np.random.Generator, size: int, style: Style | None, length_range: tuple[float, float], distractors: float
+) -> _Config:
+    """A hard chip: the sample models' failure modes, over-represented.
+
+    Mostly water (65-95 %, or all water in a quarter of them) with 10-30 ships per 1024 x 1024 px;
+    half of the optical hulls dim (water + 0.06 to 0.45), 75 % with wakes, 35 % thin (beam 0.08-0.12 x
+    length) and half of the lengths from the upper half of the length range. An airfield in 35 % of
+    them, its aprons and runway strewn with round blobs in plane greys, most of them near the planes,
+    and round plane-grey blobs anywhere: round bright spots that are not planes. Never empty.
+    """
+    area = (size / 1024) ** 2
+    airfield = rng.random() < 0.35
+    water = 1.0 if rng.random() < 0.25 else rng.uniform(0.65, 0.95)
+    return _Config(
+        style=style or STYLES[int(rng.random() < 0.35)],
+        water_fraction=water,
+        coast_cell=rng.uniform(500.0, 1500.0) * size / 1024,
+        airfields=int(airfield),
+        apron_region=(0.2 * size, 0.2 * size, 0.8 * size, 0.8 * size),
+        planes=int(rng.integers(4, 20)) if airfield else 0,
+        ships=max(1, int(rng.integers(10, 31) * area + 0.5)),
+        edge_objects=0,
+        towns=int(rng.integers(0, 2) * distractors),
+        scattered=int(rng.integers(0, 40) * area * distractors),
+        points=int(rng.integers(20, 200) * area * distractors),
+        blobs=int(rng.integers(5, 60) * area * distractors),
+        roads=int(rng.integers(0, 3)),
+        length_range=length_range,
+        hard=_Hard(
+            dim=0.5,
+            wake=0.75,
+            thin=0.35,
+            large=0.5,
+            round_blobs=int(rng.integers(10, 40) * area * distractors),
+            apron_blobs=int(rng.integers(8, 30) * distractors),
+        ),
     )
 
 
@@ -922,20 +997,35 @@ class _Planner:
         return True
 
     def try_ship(self, cx: float, cy: float, heading: float, on_edge: bool = False) -> bool:
-        rng, look = self.rng, self.look
-        length = self._length()
-        beam = rng.uniform(0.11, 0.2) * length
+        rng, look, hard = self.rng, self.look, self.cfg.hard
+        if hard is None:  # scenes and ordinary chips: exactly these draws
+            length = self._length()
+            beam = rng.uniform(0.11, 0.2) * length
+        else:
+            length = self._hard_ship_length(hard)
+            if rng.random() < hard.thin:
+                beam = max(rng.uniform(*_HARD_THIN) * length, _HARD_MIN_BEAM)
+            else:
+                beam = rng.uniform(0.11, 0.2) * length
         sil = _place(_ship_outline(rng, length, beam), cx, cy, heading)
-        under = self._wake(length, beam, cx, cy, heading) if rng.random() < 0.5 else []
+        wake = 0.5 if hard is None else hard.wake
+        under = self._wake(length, beam, cx, cy, heading) if rng.random() < wake else []
         probe = np.concatenate([_outline_samples(v) for v in [sil, *[u[0] for u in under]]] + [[[cx, cy]]])
         if not self.water(probe[:, 0], probe[:, 1]).all():
             return False
         if not self._accept("ship", heading, sil, under, on_edge):
             return False
-        value = look.ship_value(rng)
+        value = look.ship_value(rng) if hard is None else look.ship_value(rng, hard.dim)
         self.shapes.poly(_Layer.OBJECT, sil, value)
         self._ship_details(length, beam, cx, cy, heading, value)
         return True
+
+    def _hard_ship_length(self, hard: _Hard) -> float:
+        """Hard chips lean to large ships: a share of the lengths come from the upper half of the range."""
+        if self.rng.random() < hard.large:
+            lo, hi = self.cfg.length_range
+            return _log_uniform(self.rng, max(lo, hi / 2), hi)
+        return self._length()
 
     def _wake(self, length: float, beam: float, cx: float, cy: float, heading: float) -> list[tuple[np.ndarray, float, float]]:
         """A spreading foam (optical) or calm dark (SAR) trail behind the stern."""
@@ -1095,6 +1185,37 @@ class _Planner:
                     self.shapes.rect(
                         _Layer.CLUTTER, apron.cx + dx, apron.cy + dy, length, width, rng.uniform(0, math.pi), rng.uniform(0.05, 0.95)
                     )
+        if self.cfg.hard is not None:  # nothing is drawn here for scenes and ordinary chips
+            self._add_hard_blobs(self.cfg.hard)
+
+    def _add_hard_blobs(self, hard: _Hard) -> None:
+        """Round blobs in plane greys (hard negatives for planes): anywhere, and on each airfield's apron
+        and runway, 60 % of them just beside a parked plane (0.6-1.5 plane lengths from its centre)."""
+        rng = self.rng
+        for _ in range(hard.round_blobs):
+            self._try_round_blob(rng.uniform(0, self.width), rng.uniform(0, self.height))
+        planes = [o for o in self.objects if o.class_name == "plane"]
+        for apron, runway in zip(self.aprons, self.runways, strict=True):
+            for _ in range(hard.apron_blobs):
+                if planes and rng.random() < 0.6:
+                    p = planes[int(rng.integers(len(planes)))]
+                    r, t = rng.uniform(0.6, 1.5) * p.w, rng.uniform(0, 2 * math.pi)
+                    x, y = p.cx + r * math.cos(t), p.cy + r * math.sin(t)
+                else:
+                    u, v = rng.uniform(-1, 1) * apron.half_length, rng.uniform(-1, 1) * apron.half_width
+                    dx, dy = _from_frame(u, v, apron.angle)
+                    x, y = apron.cx + dx, apron.cy + dy
+                xs, ys = np.array([x]), np.array([y])
+                if apron.contains(xs, ys, -10.0)[0] or runway.contains(xs, ys, -3.0)[0]:
+                    self._try_round_blob(x, y)
+
+    def _try_round_blob(self, x: float, y: float) -> None:
+        """A nearly round blob (2-9 px radius, the scenes' blob sizes) in a plane's grey, clear of objects."""
+        rng = self.rng
+        rx = rng.uniform(2, 9)
+        if not self.taken.hits([(x, y, rx + 2)]):
+            verts = _place(_ellipse(rx, rng.uniform(0.8, 1.0) * rx), x, y, rng.uniform(0, math.pi))
+            self.shapes.poly(_Layer.CLUTTER, verts, self.look.plane_value(rng))
 
 
 def _building_outline(rng: np.random.Generator, a: float, b: float) -> np.ndarray:
@@ -1278,10 +1399,16 @@ def render_chip(
     style: Style | None = None,
     length_range: tuple[float, float] = LENGTH_RANGE,
     distractors: float = 1.0,
+    hard: float = 0.0,
 ) -> tuple[np.ndarray, list[TruthObject]]:
     """A training chip: float32 [size, size] in [0, 1] and its objects (pixel coordinates of the chip).
 
     ``distractors`` scales the number of buildings, towns, points and blobs (1.0: as in scenes' chips).
+    ``hard`` (0 to 1) is the probability that the chip is a hard chip, which over-represents what the
+    sample models get wrong: mostly water with many ships, many of them dim, thin, large or trailing
+    a wake (the label is always the hull alone), and round plane-grey blobs on land, water and aprons
+    beside planes. At 0 (the default) nothing extra is drawn: the same generator state gives the same
+    chip as before the option existed.
 
     Drawn by the same code as :func:`write_scene` (densely populated: an airfield in about half the
     chips, ships wherever there is water, a few nearly empty chips), then passed through a random tone
@@ -1292,7 +1419,9 @@ def render_chip(
         raise ValueError(f"chip size must be >= 64, got {size}")
     if distractors < 0:
         raise ValueError(f"distractors must be >= 0, got {distractors}")
-    cfg = _chip_config(rng, size, style, length_range, distractors)
+    if not 0.0 <= hard <= 1.0:
+        raise ValueError(f"hard must be between 0 and 1, got {hard}")
+    cfg = _chip_config(rng, size, style, length_range, distractors, hard)
     plan = _build_plan(rng, size, size, cfg, (np.zeros(0), np.zeros(0)))
     return _tone_map(rng, render_window(plan, 0, 0, size, size)), list(plan.objects)
 

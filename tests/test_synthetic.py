@@ -77,6 +77,115 @@ def test_chip_distractors_scale_the_hard_negatives_not_the_objects() -> None:
         syn.render_chip(np.random.default_rng(3), size=512, distractors=-1.0)
 
 
+def test_hard_zero_draws_nothing_extra() -> None:
+    """hard=0 (the default) is the chip of before the option: same pixels, objects and generator state after."""
+    for seed in range(4):
+        plain_rng, zero_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        plain, objs = syn.render_chip(plain_rng, 256)
+        zero, objs_zero = syn.render_chip(zero_rng, 256, hard=0.0)
+        assert np.array_equal(plain, zero) and objs == objs_zero
+        assert plain_rng.bit_generator.state == zero_rng.bit_generator.state
+    cfg = syn._chip_config(np.random.default_rng(5), 1024, None, syn.LENGTH_RANGE, 1.0, 0.0)
+    assert cfg == syn._chip_config(np.random.default_rng(5), 1024, None, syn.LENGTH_RANGE) and cfg.hard is None
+
+
+def _hard_and_plain_chips(monkeypatch: pytest.MonkeyPatch, seeds: range, size: int) -> dict[float, dict[str, list]]:
+    """Chips at hard 0 and 1, with every hull grey and every wake the planner drew (spied: no draw changes)."""
+    seen: dict[float, dict[str, list]] = {h: {"objs": [], "greys": [], "wakes": []} for h in (0.0, 1.0)}
+    now: dict[str, list] = {}
+    ship_value, wake = syn._Look.ship_value, syn._Planner._wake
+
+    def spy_value(look: syn._Look, rng: np.random.Generator, *dim: float) -> float:
+        value = ship_value(look, rng, *dim)
+        now["greys"].append((look.style, value))
+        return value
+
+    def spy_wake(planner: syn._Planner, length: float, beam: float, cx: float, cy: float, heading: float) -> list:
+        under = wake(planner, length, beam, cx, cy, heading)
+        now["wakes"].append((length, beam, cx, cy, under[0][0]))
+        return under
+
+    monkeypatch.setattr(syn._Look, "ship_value", spy_value)
+    monkeypatch.setattr(syn._Planner, "_wake", spy_wake)
+    for hard, record in seen.items():
+        now.clear()
+        now.update(record)
+        for seed in seeds:
+            img, objs = syn.render_chip(np.random.default_rng(seed), size, hard=hard)
+            assert img.shape == (size, size) and 0.0 <= img.min() and img.max() <= 1.0
+            record["objs"].append(objs)
+    return seen
+
+
+def test_hard_chips_over_represent_the_failure_modes_with_hull_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hard=1: more ships, more dim hulls, more wakes, thin and large ships; labels stay the hulls alone."""
+    size = 512
+    seen = _hard_and_plain_chips(monkeypatch, range(20), size)
+    ships = {h: [o for objs in r["objs"] for o in objs if o.class_name == "ship"] for h, r in seen.items()}
+    assert len(ships[1.0]) > 2 * len(ships[0.0]) and len(ships[0.0]) > 0
+    dim = {h: np.mean([v <= 0.45 for style, v in r["greys"] if style == "optical"]) for h, r in seen.items()}
+    assert dim[1.0] > 0.4 and dim[1.0] > dim[0.0] + 0.2, dim
+    thin = {h: np.mean([o.h / o.w < 0.105 for o in s]) for h, s in ships.items()}
+    assert thin[0.0] == 0.0 and thin[1.0] > 0.05, thin
+    large = {h: np.mean([o.w > 60 for o in s]) for h, s in ships.items()}
+    assert large[1.0] > large[0.0] + 0.1, large
+    for hard, record in seen.items():
+        waked = 0
+        for o in (o for objs in record["objs"] for o in objs):
+            # the silhouette lies inside the chip: both ends of its centre line (the bow or nose tip, the
+            # middle of the stern or tail edge) do; the rectangle's corners may stick out by up to half its
+            # h beyond a pointed bow or nose (as in ordinary chips; the training script clips the labels)
+            c, s = math.cos(o.angle), math.sin(o.angle)
+            ends = np.array([[o.cx + k * o.w / 2 * c, o.cy + k * o.w / 2 * s] for k in (-1, 1)])
+            assert ends.min() >= 1.0 - 1e-6 and ends.max() <= size - 1.0 + 1e-6
+            x1, y1, x2, y2 = o.bbox
+            assert min(x1, y1) >= -o.h / 2 and max(x2, y2) <= size + o.h / 2 and not o.edge
+            assert o.w > o.h > 0 and 0 <= o.angle < math.pi and o.class_name == DOTA_CLASSES[o.class_id]
+            if o.class_name != "ship":
+                continue
+            assert 0.075 < o.h / o.w < 0.21 or o.h >= 2.0 - 0.05  # beam: 0.11-0.2 x length, thin 0.08-0.12 (>= 2 px)
+            match = [w for w in record["wakes"] if math.hypot(w[2] - o.cx, w[3] - o.cy) < 0.05]
+            if not match:
+                continue
+            waked += 1
+            length, beam, _, _, wake_verts = match[-1]
+            # the truth is the hull: its length and beam, never the hull and its (far longer) wake
+            assert o.w == pytest.approx(length, abs=0.05) and o.h == pytest.approx(beam, abs=0.05)
+            assert o.w * o.h <= 1.01 * length * beam
+            along = np.abs((wake_verts[:, 0] - o.cx) * c + (wake_verts[:, 1] - o.cy) * s)
+            assert along.max() > o.w / 2 + 0.4 * length  # the wake's far end lies well outside the box
+        if hard == 1.0:
+            assert waked > 0.55 * len(ships[1.0]), (waked, len(ships[1.0]))
+
+
+def test_hard_chips_put_round_blobs_beside_planes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard negatives for planes: round blobs on the apron next to parked planes, none in ordinary chips."""
+    blobs: list[tuple[float, float, list[syn.TruthObject]]] = []
+    try_blob = syn._Planner._try_round_blob
+
+    def spy(planner: syn._Planner, x: float, y: float) -> None:
+        blobs.append((x, y, [o for o in planner.objects if o.class_name == "plane"]))
+        try_blob(planner, x, y)
+
+    monkeypatch.setattr(syn._Planner, "_try_round_blob", spy)
+    cfgs = ((s, syn._chip_config(np.random.default_rng(s), 512, None, syn.LENGTH_RANGE, 1.0, 1.0)) for s in range(100))
+    with_airfield = (s for s, cfg in cfgs if cfg.airfields)
+    seeds = [next(with_airfield), next(with_airfield)]
+    for seed in seeds:
+        syn.render_chip(np.random.default_rng(seed), 512)
+    assert blobs == []
+    objs = [syn.render_chip(np.random.default_rng(seed), 512, hard=1.0)[1] for seed in seeds]
+    near = sum(any(math.hypot(x - p.cx, y - p.cy) < 1.6 * p.w for p in planes) for x, y, planes in blobs)
+    assert len(blobs) > 10 and near > 5, (len(blobs), near)
+    assert sum(o.class_name == "plane" for chip in objs for o in chip) > 0  # blobs are clutter, never labelled
+
+
+@pytest.mark.parametrize("hard", [-0.1, 1.5, float("nan")])
+def test_render_chip_rejects_hard_outside_0_1(hard: float) -> None:
+    with pytest.raises(ValueError, match="hard"):
+        syn.render_chip(np.random.default_rng(0), 128, hard=hard)
+
+
 def test_chips_have_both_classes_and_both_tone_ranges() -> None:
     """Across a few chips: planes and ships, and full-range as well as low-contrast images."""
     names, spans = set(), []

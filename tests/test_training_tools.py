@@ -66,3 +66,40 @@ def test_a_checkpoint_that_does_not_reproduce_the_model_is_refused(tmp_path: Pat
         o2c.convert(OBB, "detect", tmp_path / "wrong.pt", calib=2, test=1)  # OBB weights in a detect model
     assert not (tmp_path / "wrong.pt").exists()
     assert np.isfinite(o2c.chips(1, 128, 0)).all()
+
+
+spec_train = importlib.util.spec_from_file_location("train_sample_model", REPO_ROOT / "tools" / "train_sample_model.py")
+tsm = importlib.util.module_from_spec(spec_train)
+sys.modules["train_sample_model"] = tsm
+spec_train.loader.exec_module(tsm)  # type: ignore[union-attr]
+
+
+def test_train_script_hard_chips_go_to_training_only(tmp_path: Path) -> None:
+    """--hard: a fraction in [0, 1], default 0; training chips get it, validation chips never do."""
+    from PIL import Image
+
+    from rs_detect.synthetic import render_chip
+
+    assert tsm.parse_args(["--out", str(tmp_path)]).hard == 0.0
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(SystemExit):
+            tsm.parse_args(["--out", str(tmp_path), "--hard", bad])
+    args = tsm.parse_args(["--out", str(tmp_path), "--hard", "1", "--train", "2", "--val", "4", "--chip-size", "128"])
+    train, val = tsm.chip_jobs(tmp_path, "train", args), tsm.chip_jobs(tmp_path, "val", args)
+    assert [j[-1] for j in train] == [1.0, 1.0] and [j[-1] for j in val] == [0.0] * 4
+    for task in tsm.TASKS:
+        for kind in ("images", "labels"):
+            for split in tsm.SPLITS:
+                (tmp_path / task / kind / split).mkdir(parents=True)
+    for job in (train[0], val[0]):
+        counts = tsm.render_one(job)
+        split, hard = job[1], job[-1]
+        seed = [args.seed, tsm.SPLITS[split], 0]
+        img, objs = render_chip(np.random.default_rng(seed), size=128, distractors=1.0, hard=hard)
+        plain, _ = render_chip(np.random.default_rng(seed), size=128)
+        assert counts == {c: sum(o.class_name == c for o in objs) for c in ("plane", "ship")}
+        lines = (tmp_path / "detect" / "labels" / split / f"{split}_00000.txt").read_text().splitlines()
+        assert lines == [tsm.detect_label(o, 128) for o in objs]
+        png = np.asarray(Image.open(tmp_path / "detect" / "images" / split / f"{split}_00000.png"))
+        assert np.array_equal(png, np.rint(img * 255).astype(np.uint8))
+        assert np.array_equal(png, np.rint(plain * 255).astype(np.uint8)) == (split == "val")

@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chip-size", type=int, default=1024, help="rendered chip size in pixels")
     p.add_argument("--distractors", type=float, default=1.0,
                    help="multiply the buildings, towns, points and blobs per chip (hard negatives; 1.0 = the chips of run 1)")
+    p.add_argument("--hard", type=float, default=0.0, metavar="FRACTION",
+                   help="share of training chips rendered as hard chips (render_chip's hard: mostly water, many dim, "
+                        "thin, large and wake-trailing ships, round plane-grey blobs beside planes); validation chips "
+                        "are never hard, so val mAP stays comparable; 0.0 = the chips of earlier runs")
     p.add_argument("--device", default="0", help="CUDA device index or 'cpu'")
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
@@ -95,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--imgsz must be a multiple of 32, at least 64")
     if min(args.train, args.epochs, args.batch, args.chip_size) < 1:
         p.error("--train, --epochs, --batch and --chip-size must be positive")
+    if not 0.0 <= args.hard <= 1.0:
+        p.error("--hard must be a fraction between 0 and 1")
     if args.val < 4:
         p.error("--val must be at least 4 (the ONNX check compares batch 4 with batch 1 on validation chips)")
     return args
@@ -117,10 +123,19 @@ def obb_label(obj: TruthObject, size: int) -> str:
     return f"{obj.class_id} " + " ".join(f"{v:.6f}" for v in corners)
 
 
-def render_one(job: tuple[Path, str, int, int, int, float]) -> dict[str, int]:
+def chip_jobs(root: Path, split: str, args: argparse.Namespace) -> list[tuple[Path, str, int, int, int, float, float]]:
+    """One :func:`render_one` job per chip of ``split``; hard chips (``--hard``) go to training only."""
+    n = args.train if split == "train" else args.val
+    hard = args.hard if split == "train" else 0.0
+    return [(root, split, i, args.seed, args.chip_size, args.distractors, hard) for i in range(n)]
+
+
+def render_one(job: tuple[Path, str, int, int, int, float, float]) -> dict[str, int]:
     """Render chip ``index`` of ``split`` (its own seed, so any process order gives the same data)."""
-    root, split, index, seed, size, distractors = job
-    image, objects = render_chip(np.random.default_rng([seed, SPLITS[split], index]), size=size, distractors=distractors)
+    root, split, index, seed, size, distractors, hard = job
+    image, objects = render_chip(
+        np.random.default_rng([seed, SPLITS[split], index]), size=size, distractors=distractors, hard=hard
+    )
     name = f"{split}_{index:05d}"
     png = root / "detect" / "images" / split / f"{name}.png"
     Image.fromarray(np.rint(image * 255).astype(np.uint8), mode="L").save(png, compress_level=1)
@@ -139,8 +154,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, int]]:
-    """Write every chip and label, and one data YAML per task; returns object counts per split."""
+def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Write every chip and label, and one data YAML per task; returns chip and object counts (and the
+    hard-chip fraction used) per split."""
     import yaml
 
     shutil.rmtree(root, ignore_errors=True)
@@ -151,12 +167,13 @@ def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, 
         data = {"path": str((root / task).resolve()), "train": "images/train", "val": "images/val",
                 "names": dict(enumerate(DOTA_CLASSES)), "channels": 1}
         (root / f"{task}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    counts: dict[str, dict[str, int]] = {}
-    for split, n in (("train", args.train), ("val", args.val)):
-        jobs = [(root, split, i, args.seed, args.chip_size, args.distractors) for i in range(n)]
+    counts: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        jobs = chip_jobs(root, split, args)
         with ProcessPoolExecutor(max_workers=max(1, args.render_workers)) as pool:
             per_chip = list(pool.map(render_one, jobs, chunksize=4))
-        counts[split] = {"chips": n, **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
+        hard = args.hard if split == "train" else 0.0  # as chip_jobs
+        counts[split] = {"chips": len(jobs), "hard": hard, **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
     return counts
 
 
