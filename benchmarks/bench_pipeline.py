@@ -209,7 +209,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     tiles = result.stats.tiles_read + result.stats.tiles_skipped
     e2e = tiles / seconds
     return {
-        "scene": scene.name, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
+        "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
         "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
@@ -239,6 +239,22 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def read_row(raw: dict[str, str]) -> dict[str, Any]:
+    """A CSV row of ``run`` back as the row it was written from (numbers, stages as a dict)."""
+    row: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "stages_s":
+            row[k] = json.loads(v)
+        elif v in ("", "None"):
+            row[k] = None
+        else:
+            try:
+                row[k] = float(v) if any(c in v for c in ".e") else int(v)
+            except ValueError:
+                row[k] = {"True": True, "False": False}.get(v, v)
+    return row
+
+
 def write_outputs(rows: list[dict[str, Any]], csv_path: Path | None, png: Path | None, title: str) -> None:
     if csv_path:
         keys = [k for k in rows[0] if k != "stages_s"] + ["stages_s"]
@@ -259,7 +275,8 @@ def write_outputs(rows: list[dict[str, Any]], csv_path: Path | None, png: Path |
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        labels = [f"{r['scene']}\n{r['backend']}" for r in rows]
+        labels = [f"{r['scene'].removeprefix('scene_').removesuffix('.tif')}\n{r.get('model') or r['backend']}"
+                  + (" (seed's way)" if str(r["backend"]).endswith("-seed") else "") for r in rows]
         x = np.arange(len(rows))
         ax.bar(x - 0.2, [r["engine_tiles_s"] for r in rows], 0.4, label="engine only")
         ax.bar(x + 0.2, [r["e2e_tiles_s"] for r in rows], 0.4, label="end to end")
@@ -297,6 +314,11 @@ def main() -> None:
         else:
             p.add_argument("--scene", required=True)
             p.add_argument("--seed-style", action="store_true")
+    pl = sub.add_parser("plot", help="the table and PNG again from CSVs written by run (e.g. on another machine)")
+    pl.add_argument("--csv", type=Path, nargs="+", required=True)
+    pl.add_argument("--png", type=Path, required=True)
+    pl.add_argument("--title", default="rs-detect: engine-only vs end-to-end")
+    pl.add_argument("--labels", nargs="+", help="one per CSV, shown under its bars (e.g. the model)")
     mem = sub.add_parser("memory")
     mem.add_argument("--sizes", default="2048,16384")
     mem.add_argument("--out", type=Path, default=Path("/tmp/rs-mem"))
@@ -313,6 +335,13 @@ def main() -> None:
         print(json.dumps(run_one(args)))
     elif args.cmd == "run":
         write_outputs(run_many(args), args.csv, args.png, args.title)
+    elif args.cmd == "plot":
+        labels = args.labels or [None] * len(args.csv)
+        if len(labels) != len(args.csv):
+            raise SystemExit("--labels: one per --csv")
+        rows = [{**read_row(r), **({"model": lab} if lab else {})}
+                for path, lab in zip(args.csv, labels) for r in csv.DictReader(open(path, newline=""))]
+        write_outputs(rows, None, args.png, args.title)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         scenes = [str(write_scene(args.out / f"mem_{s}.tif", int(s), "uint8", "tiled", "deflate")) for s in args.sizes.split(",")]

@@ -347,7 +347,7 @@ class RasterSource:
 
     @property
     def is_striped(self) -> bool:
-        """Blocks span the full width: a window read decodes whole rows, so read row bands instead."""
+        """Blocks span the full width (strips): a window read decodes whole rows, so slabs are whole strips."""
         block_h, block_w = self.block_shapes[0]
         return block_w >= self.width and self.width > 1
 
