@@ -133,6 +133,32 @@ def test_slabs_give_every_window_as_a_window_read_does(tmp_path: Path, layout: d
     assert any(v is not None and not v.all() for *_, v in got)  # the nodata corner was masked
 
 
+def test_batches_allocate_a_mask_only_where_a_slot_can_have_invalid_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = np.random.default_rng(4).integers(1, 255, (700, 900), dtype=np.uint8)
+    masks: list[bool] = []
+    real = torch.empty
+
+    def empty(*shape: object, **kw: object) -> torch.Tensor:
+        if kw.get("dtype") is torch.bool:
+            masks.append(True)
+        return real(*shape, **kw)
+
+    monkeypatch.setattr("rs_detect.io.prefetch.torch.empty", empty)
+    src = RasterSource(write_tif(tmp_path / "plain.tif", img))
+    full = [t for t in iter_tiles(900, 700, 256, 32) if (t.height, t.width) == (256, 256)]
+    batches = _all_batches(src, full, 256)
+    assert batches and all(b.valid is None for b in batches) and not masks  # no nodata, no padding: no mask at all
+    src = RasterSource(write_tif(tmp_path / "nd.tif", img, nodata=0))
+    batches = _all_batches(src, full, 256)
+    assert len(masks) == len(batches)  # a scene with a mask: every batch gets a slot for it
+    with ThreadPoolExecutor(1) as pool:  # a padded tile without a mask slot is refused, not left as garbage
+        reader = SlabReader(RasterSource(write_tif(tmp_path / "small.tif", img[:200])), pool, 1)
+        tile = next(iter_tiles(900, 200, 256, 32))
+        reader.request(reader.span(tile))
+        with pytest.raises(ValueError, match="needs a mask slot"):
+            reader.cut(tile, reader.hold(tile), np.empty((1, 256, 256), np.uint8), None)
+
+
 def test_each_block_is_decoded_once_in_whole_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Overlapping windows share their blocks: the decode reads tile the scene exactly, block-aligned."""
     img = np.random.default_rng(2).integers(0, 255, (1500, 1700), dtype=np.uint8)

@@ -188,15 +188,19 @@ class SlabReader:
 
     # -- cutting -------------------------------------------------------------------------------
 
-    def cut(self, tile: Tile, slabs: list[_Slab], data: np.ndarray, valid: np.ndarray) -> tuple[bool, bool]:
+    def cut(self, tile: Tile, slabs: list[_Slab], data: np.ndarray, valid: np.ndarray | None) -> tuple[bool, bool]:
         """Copy ``tile`` from its slabs into a batch slot (uninitialised memory, written whole).
 
         Waits only for the slab parts under the window. Returns (empty, needs_mask): all nodata, and
-        whether the slot has invalid pixels (nodata or padding); ``valid`` is written only then.
+        whether the slot has invalid pixels (nodata or padding); ``valid`` is written only then, and
+        may be None where neither can happen (a full tile of a scene without a mask).
         """
         try:
             x, y, w, h = tile.col_off, tile.row_off, tile.width, tile.height
             has_mask = slabs[0].valid is not None
+            padded = (h, w) != data.shape[1:]
+            if valid is None and (has_mask or padded):
+                raise ValueError(f"tile {tile.index}: needs a mask slot (nodata or padding)")
             any_invalid = False
             for slab in slabs:
                 for part in slab.parts:
@@ -205,19 +209,19 @@ class SlabReader:
                 a, b = max(y, slab.y0), min(y + h, slab.y1)
                 data[:, a - y : b - y, :w] = slab.data[:, a - slab.y0 : b - slab.y0, x : x + w]
                 if has_mask:
-                    assert slab.valid is not None
+                    assert slab.valid is not None and valid is not None
                     v = slab.valid[a - slab.y0 : b - slab.y0, x : x + w]
                     valid[a - y : b - y, :w] = v
                     any_invalid = any_invalid or not v.all()
-            padded = (h, w) != data.shape[1:]
             if padded:
+                assert valid is not None
                 data[:, h:, :] = 0
                 data[:, :h, w:] = 0
                 if not has_mask:
                     valid[:h, :w] = True
                 valid[h:, :] = False
                 valid[:h, w:] = False
-            empty = has_mask and not valid[:h, :w].any()
+            empty = has_mask and valid is not None and not valid[:h, :w].any()
             return empty, padded or any_invalid
         finally:
             self._release(slabs)
@@ -241,7 +245,7 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
     reader = SlabReader(src, pool, threads)
     tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
     bands = reader.bands
-    pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor, list[Future[tuple[bool, bool]]]]] = deque()
+    pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor | None, list[Future[tuple[bool, bool]]]]] = deque()
     lookahead = 0  # slabs started so far: [0, lookahead)
     cutters = ThreadPoolExecutor(threads, thread_name_prefix="rs-cut")
 
@@ -254,9 +258,11 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         lookahead = max(lookahead, ahead + 1, last[-1] + 1)
         n = len(group)
         data = torch.empty((n, bands, size, size), dtype=tdtype, pin_memory=pin)
-        valid = torch.empty((n, size, size), dtype=torch.bool, pin_memory=pin)
-        d, v = data.numpy(), valid.numpy()
-        futs = [cutters.submit(reader.cut, t, reader.hold(t), d[i], v[i]) for i, t in enumerate(group)]
+        # a mask only where a slot can have invalid pixels: pinned memory is resident (16 MB a batch)
+        masked = src.has_mask or any((t.height, t.width) != (size, size) for t in group)
+        valid = torch.empty((n, size, size), dtype=torch.bool, pin_memory=pin) if masked else None
+        d, v = data.numpy(), None if valid is None else valid.numpy()
+        futs = [cutters.submit(reader.cut, t, reader.hold(t), d[i], None if v is None else v[i]) for i, t in enumerate(group)]
         reader.pass_before(reader.span(group[-1])[0])
         pending.append((group, data, valid, futs))
 
@@ -270,13 +276,15 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         if not keep:
             return
         needs_mask = any(flags[i][1] for i in keep)
-        if len(keep) < len(group):  # rare: drop all-nodata tiles from the batch
+        if len(keep) < len(group):  # rare: drop all-nodata tiles from the batch (only masked batches have them)
+            assert valid is not None
             idx = torch.tensor(keep)
             data, valid = data[idx], valid[idx]
             if pin:
                 data, valid = data.pin_memory(), valid.pin_memory()
         # slots read as all-valid never wrote their mask: mark them valid before the mask is used
         if needs_mask:
+            assert valid is not None
             for j, i in enumerate(keep):
                 if not flags[i][1]:
                     valid[j] = True
