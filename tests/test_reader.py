@@ -107,8 +107,9 @@ def _all_batches(src: RasterSource, tiles: list, size: int, batch: int = 3, thre
         {"tiled": False, "blockysize": 1},
         {"tiled": False, "blockysize": 16},
         {"tiled": False, "blockysize": 1300},  # one strip taller than the largest slab
+        {"tiled": True, "blockxsize": 512, "blockysize": 1296},  # blocks taller than the largest slab
     ],
-    ids=["tiled128", "tiled256x512", "strip1", "strip16", "one-strip"],
+    ids=["tiled128", "tiled256x512", "strip1", "strip16", "one-strip", "tall-blocks"],
 )
 def test_slabs_give_every_window_as_a_window_read_does(tmp_path: Path, layout: dict) -> None:
     rng = np.random.default_rng(1)

@@ -101,11 +101,11 @@ class SlabReader:
         self.threads = max(1, threads)
         self.bands = len(src.plan.indexes)
         block_h, block_w = src.block_shapes[0]
-        self.striped = src.is_striped
-        if block_h > MAX_SLAB_ROWS:  # one strip for many rows: each read decodes it again anyway
+        blocks = -(-src.width // block_w)
+        if block_h > MAX_SLAB_ROWS:  # blocks taller than a slab: each slab decodes its rows of them again
             self.rows = self.part_rows = MAX_SLAB_ROWS
-            self.part_cols = src.width
-        elif self.striped:
+            self.part_cols = src.width if src.is_striped else max(1, -(-blocks // (2 * self.threads))) * block_w
+        elif src.is_striped:
             # parts: whole strips, about PART_BYTES each (a read per strip costs more than the strip);
             # a slab: one part per thread, within the slab bounds
             row_bytes = src.width * self.bands * src.dtype.itemsize
@@ -117,12 +117,10 @@ class SlabReader:
         else:
             # whole rows of blocks; parts: column chunks of whole blocks, two per thread
             self.rows = block_h * max(1, -(-SLAB_ROWS // block_h))
-            blocks = -(-src.width // block_w)
             self.part_rows = self.rows
             self.part_cols = max(1, -(-blocks // (2 * self.threads))) * block_w
         self.slabs: dict[int, _Slab] = {}
         self._lock = threading.Lock()
-        self.decoded_rows = 0  # scene rows decoded so far (each exactly once): for tests and benchmarks
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -153,7 +151,6 @@ class SlabReader:
             for y in range(y0, y1, self.part_rows):
                 for x in range(0, self.src.width, self.part_cols):
                     jobs.append((x, y, slab, min(self.part_cols, self.src.width - x), min(self.part_rows, y1 - y), index))
-            self.decoded_rows += y1 - y0
             with self._lock:
                 self.slabs[index] = slab
         for x, y, slab, w, h, _ in sorted(jobs, key=lambda j: (j[0], j[5], j[1])):
