@@ -753,13 +753,20 @@ def _chip_config(
         planes=0 if empty or not airfield else int(rng.integers(2, 25)),
         ships=0 if empty else int(rng.integers(0, 21) * area + 0.5),
         edge_objects=0,
-        towns=int(rng.integers(0, 3) * distractors),
-        scattered=int(rng.integers(0, 40) * area * distractors),
-        points=int(rng.integers(20, 200) * area * distractors),
-        blobs=int(rng.integers(5, 60) * area * distractors),
-        roads=int(rng.integers(0, 4)),
+        **_chip_clutter(rng, area, distractors, towns=3, roads=4),
         length_range=length_range,
     )
+
+
+def _chip_clutter(rng: np.random.Generator, area: float, distractors: float, towns: int, roads: int) -> dict[str, int]:
+    """A chip's towns, lone buildings, points, blobs and roads (drawn in this order: chips reproduce)."""
+    return {
+        "towns": int(rng.integers(0, towns) * distractors),
+        "scattered": int(rng.integers(0, 40) * area * distractors),
+        "points": int(rng.integers(20, 200) * area * distractors),
+        "blobs": int(rng.integers(5, 60) * area * distractors),
+        "roads": int(rng.integers(0, roads)),
+    }
 
 
 def _hard_chip_config(
@@ -785,11 +792,7 @@ def _hard_chip_config(
         planes=int(rng.integers(4, 20)) if airfield else 0,
         ships=max(1, int(rng.integers(10, 31) * area + 0.5)),
         edge_objects=0,
-        towns=int(rng.integers(0, 2) * distractors),
-        scattered=int(rng.integers(0, 40) * area * distractors),
-        points=int(rng.integers(20, 200) * area * distractors),
-        blobs=int(rng.integers(5, 60) * area * distractors),
-        roads=int(rng.integers(0, 3)),
+        **_chip_clutter(rng, area, distractors, towns=2, roads=3),
         length_range=length_range,
         hard=_Hard(
             dim=0.5,
