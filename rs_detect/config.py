@@ -46,6 +46,7 @@ class Config:
     stitch_conf: float = 0.1  # whole boxes down to this score may stand in for a piece cut by a tile edge
     exclusive_classes: tuple[str, ...] = ("plane", "ship")  # never nest: the lower-scoring nested box goes; () disables
     exclusive_ios: float = 0.7
+    duplicate_ios: float | None = 0.5  # a box this much inside a higher-scoring one of its class is a duplicate; None: keep
     edge_margin: float = 3.0
     nodata_fill: float = 0.0
     read_threads: int = 4
@@ -60,7 +61,7 @@ class Config:
         check(self.tile_size is None or self.tile_size >= 32, f"tile_size must be >= 32, got {self.tile_size}")
         check(self.tile_size is None or self.overlap < self.tile_size, f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("conf", "iou", "merge_iou", "merge_ios", "exclusive_ios", "stitch_conf"):
+        for name in ("conf", "iou", "merge_iou", "merge_ios", "exclusive_ios", "duplicate_ios", "stitch_conf"):
             v = getattr(self, name)
             if v is None:
                 continue

@@ -212,7 +212,7 @@ class ScenePipeline:
                 stats.add_time("drain", time.perf_counter() - t0)  # decoding the last batches after the last inference
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
-            merged = suppress_nested(above(merged, self.params.conf), self.exclusive_ids, cfg.exclusive_ios)
+            merged = suppress_nested(above(merged, self.params.conf), self.exclusive_ids, cfg.exclusive_ios, cfg.duplicate_ios)
             frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name)
             frame = to_output_crs(frame, cfg.crs, scene.name)
             stats.add_time("stitch", time.perf_counter() - t0)
@@ -257,5 +257,6 @@ class ScenePipeline:
             "stitch_conf": cfg.stitch_conf,
             "exclusive_classes": list(cfg.exclusive_classes or ()),
             "exclusive_ios": cfg.exclusive_ios,
+            "duplicate_ios": cfg.duplicate_ios,
             "class_filter": list(cfg.classes) if cfg.classes else None,
         }

@@ -184,10 +184,38 @@ def test_a_removed_box_removes_nothing() -> None:
     assert kept(out) == [(PLANE, 0.7), (PLANE, 0.9)]
 
 
-def test_nested_boxes_of_the_same_class_are_untouched() -> None:
+def test_nested_boxes_of_the_same_class_are_untouched_without_same_class_ios() -> None:
     for cls in (PLANE, SHIP):
         out = suppress_nested(scene_dets([PLANE_BOX, WING_BOX], [0.9, 0.6], [cls, cls]), EXCLUSIVE)
         assert kept(out) == [(cls, 0.9), (cls, 0.6)]
+
+
+@pytest.mark.parametrize("cls", [PLANE, SHIP, HARBOR])  # any class, in the exclusive set or not
+def test_a_partial_duplicate_of_the_same_class_goes(cls: int) -> None:
+    half = [160.0, 100.0, 240.0, 180.0]  # half inside PLANE_BOX: ios 0.5
+    far = [400.0, 400.0, 440.0, 420.0]
+    dets = scene_dets([WING_BOX, PLANE_BOX, far], [0.6, 0.9, 0.5], [cls, cls, cls])
+    assert kept(suppress_nested(dets, EXCLUSIVE, same_class_ios=0.5)) == [(cls, 0.9), (cls, 0.5)]
+    # the higher-scoring one stays whichever is the smaller
+    dets = scene_dets([WING_BOX, PLANE_BOX], [0.9, 0.6], [cls, cls])
+    assert kept(suppress_nested(dets, EXCLUSIVE, same_class_ios=0.5)) == [(cls, 0.9)]
+    partial = scene_dets([PLANE_BOX, half], [0.9, 0.6], [cls, cls])
+    assert len(suppress_nested(partial, EXCLUSIVE, same_class_ios=0.6)) == 2  # under the threshold: both stay
+    assert kept(suppress_nested(partial, EXCLUSIVE, same_class_ios=0.5)) == [(cls, 0.9)]
+    # the cross-class rule keeps its own threshold: a ship half inside a plane stays at ios 0.7
+    mixed = scene_dets([PLANE_BOX, half], [0.9, 0.6], [PLANE, SHIP])
+    assert len(suppress_nested(mixed, EXCLUSIVE, ios=0.7, same_class_ios=0.5)) == 2
+    # with no exclusive classes the same-class rule still runs
+    assert len(suppress_nested(scene_dets([WING_BOX, PLANE_BOX], [0.6, 0.9], [cls, cls]), set(), same_class_ios=0.5)) == 1
+
+
+def test_a_same_class_duplicate_uses_the_rotated_boxes() -> None:
+    diag = math.pi / 4
+    ship = [100.0, 100.0, 100.0, 6.0, diag]
+    beside = [108.0, 92.0, 100.0, 6.0, diag]  # a second ship alongside: axis-aligned extents overlap, the ships do not
+    bow = [130.0, 130.0, 30.0, 6.0, diag]  # the ship's bow boxed again, inside it
+    dets = scene_dets([ship, beside, bow], [0.9, 0.8, 0.6], [SHIP, SHIP, SHIP], task="obb")
+    assert kept(suppress_nested(dets, EXCLUSIVE, same_class_ios=0.5)) == [(SHIP, 0.9), (SHIP, 0.8)]
 
 
 def test_classes_outside_the_set_are_untouched() -> None:
@@ -250,7 +278,7 @@ def test_pipeline_drops_a_ship_nested_in_a_plane(tmp_path: Path) -> None:
     assert len(on.detections) == 1 and sum(on.stats.per_class.values()) == 1
     assert len(gpd.read_file(tmp_path / "on.geojson")) == 1
     meta = read_metadata(tmp_path / "on.geojson")
-    assert meta["exclusive_classes"] == ["plane", "ship"] and meta["exclusive_ios"] == 0.7
+    assert meta["exclusive_classes"] == ["plane", "ship"] and meta["exclusive_ios"] == 0.7 and meta["duplicate_ios"] == 0.5
     assert read_metadata(tmp_path / "off.geojson")["exclusive_classes"] == []
 
 

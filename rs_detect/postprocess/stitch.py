@@ -16,7 +16,9 @@
    imagery, so the model scoring a wing or a fuselage as a ship is a false positive). A pair is nested
    when the intersection over the smaller box is at least ``ios``; greedily by descending score, the
    lower-scoring one goes, and a box already removed removes nothing. Classes outside the set (a ship in
-   a harbor, a helicopter on a deck) and pairs of the same class are left alone.
+   a harbor, a helicopter on a deck) are left alone. With ``same_class_ios``, a box lying at least that
+   much inside a higher-scoring box of its *own* class goes too: a second, partial box of one object
+   that NMS (IoU) and the cross-tile merge let through, e.g. a ship's bow boxed again inside the ship.
 """
 
 from __future__ import annotations
@@ -161,25 +163,25 @@ def above(dets: Detections, conf: torch.Tensor) -> Detections:
     return dets.select(keep.nonzero(as_tuple=True)[0])
 
 
-def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: float = 0.7) -> Detections:
-    """Drop the lower-scoring of two nested boxes of different exclusive classes (see the module docstring)."""
+def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: float = 0.7,
+                    same_class_ios: float | None = None) -> Detections:
+    """Drop the lower-scoring of two nested boxes: of different exclusive classes at ``ios``, of one class
+    at ``same_class_ios`` (None: never; see the module docstring)."""
     n = len(dets)
     ids = sorted({int(c) for c in class_ids})
-    if n < 2 or not ids:
+    if n < 2 or not (ids or same_class_ios is not None):
         return dets
     cls = dets.class_ids.cpu().numpy()
-    cand = np.flatnonzero(np.isin(cls, ids))
-    if cand.size < 2:
-        return dets
-    aabb = dets.aabb().detach().cpu().numpy().astype(np.float64)[cand]
+    aabb = dets.aabb().detach().cpu().numpy().astype(np.float64)
     i, j = _pairs(aabb)
-    i, j = cand[i], cand[j]
-    sel = cls[i] != cls[j]
-    i, j = i[sel], j[sel]
+    same = cls[i] == cls[j]
+    exclusive = ~same & np.isin(cls[i], ids) & np.isin(cls[j], ids)
+    sel = exclusive | (same if same_class_ios is not None else False)
+    i, j, same = i[sel], j[sel], same[sel]
     if i.size == 0:
         return dets
     _, pair_ios = _pair_overlap(dets, i, j)
-    nested = pair_ios >= ios
+    nested = pair_ios >= np.where(same, same_class_ios if same_class_ios is not None else np.inf, ios)
     i, j = i[nested], j[nested]
     if i.size == 0:
         return dets
