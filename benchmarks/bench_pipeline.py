@@ -263,7 +263,7 @@ def write_outputs(rows: list[dict[str, Any]], csv_path: Path | None, png: Path |
             w.writeheader()
             for r in rows:
                 w.writerow({**r, "stages_s": json.dumps(r["stages_s"])})
-    print(f"\n| scene | backend | batch | tiles | engine-only tiles/s | end-to-end tiles/s | ratio | peak RSS MB | GPU util % |")
+    print("\n| scene | backend | batch | tiles | engine-only tiles/s | end-to-end tiles/s | ratio | peak RSS MB | GPU util % |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gpu = "" if r["gpu_util"] is None else f"{r['gpu_util']:.0f}"

@@ -23,7 +23,6 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import rasterio
 import torch
 from tqdm import tqdm
 
