@@ -281,10 +281,14 @@ def test_handles_for_reader_threads_are_opened_up_front_and_taken_on_first_read(
     img = np.arange(600 * 700, dtype=np.uint16).reshape(600, 700)
     src = RasterSource(write_tif(tmp_path / "t.tif", img), handles=3, scale=ScaleConfig("fixed", 0.0, 1.0))
     assert len(src._handles) == 4 and len(src._spare) == 3  # the main thread's, and three spares
+    import threading
+
+    together = threading.Barrier(3)  # three threads for sure (a pool starts threads only as it needs them)
     with ThreadPoolExecutor(3) as pool:
-        tiles = list(iter_tiles(700, 600, 256, 32))
-        list(window_batches(src, tiles, pool, 2, 256, pin=False, depth=1, threads=3))
-    assert len(src._handles) == 4 and not src._spare  # the threads took the spares, none opened another
+        got = list(pool.map(lambda _: (together.wait(), src._dataset())[1], range(3)))
+        assert len({id(ds) for ds in got}) == 3 and not src._spare  # each took a spare
+        list(window_batches(src, list(iter_tiles(700, 600, 256, 32)), pool, 2, 256, pin=False, depth=1, threads=3))
+    assert len(src._handles) == 4  # reading the scene on those threads opened no other handle
     src.close()
     assert not src._handles
 
