@@ -75,7 +75,7 @@ PART_BYTES = 2 << 20  # striped files: decode jobs of whole strips, about this m
 
 @dataclass
 class _Part:
-    """One decode job of a slab: columns [x0, x1) x rows [y0, y1) of the scene, whole blocks."""
+    """One decode job of a slab: scene columns [x0, x1) of some of its rows, whole blocks."""
 
     x0: int
     x1: int
@@ -139,7 +139,7 @@ class SlabReader:
         Their parts are queued column by column across the slabs: the windows at the left of the rows
         of blocks asked for together (a batch's first windows) are ready first, not after whole slabs.
         """
-        jobs: list[tuple[int, int, _Slab, int, int, int]] = []
+        jobs: list[tuple[int, int, _Slab, int, int]] = []
         for index in indexes:
             y0 = index * self.rows
             if index in self.slabs or y0 >= self.src.height:
@@ -150,10 +150,10 @@ class SlabReader:
             slab = _Slab(y0, y1, data, valid, [])
             for y in range(y0, y1, self.part_rows):
                 for x in range(0, self.src.width, self.part_cols):
-                    jobs.append((x, y, slab, min(self.part_cols, self.src.width - x), min(self.part_rows, y1 - y), index))
+                    jobs.append((x, y, slab, min(self.part_cols, self.src.width - x), min(self.part_rows, y1 - y)))
             with self._lock:
                 self.slabs[index] = slab
-        for x, y, slab, w, h, _ in sorted(jobs, key=lambda j: (j[0], j[5], j[1])):
+        for x, y, slab, w, h in sorted(jobs, key=lambda j: (j[0], j[1])):  # by column, then row (slab order)
             slab.parts.append(_Part(x, x + w, self.pool.submit(self._decode, slab, x, y, w, h)))
 
     def span(self, tile: Tile) -> range:
