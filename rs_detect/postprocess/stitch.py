@@ -174,14 +174,18 @@ def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: 
     cls = dets.class_ids.cpu().numpy()
     aabb = dets.aabb().detach().cpu().numpy().astype(np.float64)
     i, j = _pairs(aabb)
+    # each pair's threshold: ios across exclusive classes, same_class_ios within a class, none otherwise
     same = cls[i] == cls[j]
-    exclusive = ~same & np.isin(cls[i], ids) & np.isin(cls[j], ids)
-    sel = exclusive | (same if same_class_ios is not None else False)
-    i, j, same = i[sel], j[sel], same[sel]
+    limit = np.full(i.size, np.inf)
+    limit[~same & np.isin(cls[i], ids) & np.isin(cls[j], ids)] = ios
+    if same_class_ios is not None:
+        limit[same] = same_class_ios
+    sel = np.isfinite(limit)
+    i, j, limit = i[sel], j[sel], limit[sel]
     if i.size == 0:
         return dets
     _, pair_ios = _pair_overlap(dets, i, j)
-    nested = pair_ios >= np.where(same, same_class_ios if same_class_ios is not None else np.inf, ios)
+    nested = pair_ios >= limit
     i, j = i[nested], j[nested]
     if i.size == 0:
         return dets
