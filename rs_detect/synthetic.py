@@ -745,17 +745,24 @@ def _chip_config(
     empty = rng.random() < 0.08
     area = (size / 1024) ** 2
     return _Config(
-        style=style or STYLES[int(rng.random() < 0.35)],
+        **_chip_frame(rng, size, style),
         water_fraction=water,
-        coast_cell=rng.uniform(500.0, 1500.0) * size / 1024,
         airfields=int(airfield),
-        apron_region=(0.2 * size, 0.2 * size, 0.8 * size, 0.8 * size),
         planes=0 if empty or not airfield else int(rng.integers(2, 25)),
         ships=0 if empty else int(rng.integers(0, 21) * area + 0.5),
         edge_objects=0,
         **_chip_clutter(rng, area, distractors, towns=3, roads=4),
         length_range=length_range,
     )
+
+
+def _chip_frame(rng: np.random.Generator, size: int, style: Style | None) -> dict[str, Any]:
+    """A chip's style, coastline scale and apron region (drawn in this order: chips reproduce)."""
+    return {
+        "style": style or STYLES[int(rng.random() < 0.35)],
+        "coast_cell": rng.uniform(500.0, 1500.0) * size / 1024,
+        "apron_region": (0.2 * size, 0.2 * size, 0.8 * size, 0.8 * size),
+    }
 
 
 def _chip_clutter(rng: np.random.Generator, area: float, distractors: float, towns: int, roads: int) -> dict[str, int]:
@@ -784,11 +791,9 @@ def _hard_chip_config(
     airfield = rng.random() < 0.35
     water = 1.0 if rng.random() < 0.25 else rng.uniform(0.65, 0.95)
     return _Config(
-        style=style or STYLES[int(rng.random() < 0.35)],
+        **_chip_frame(rng, size, style),
         water_fraction=water,
-        coast_cell=rng.uniform(500.0, 1500.0) * size / 1024,
         airfields=int(airfield),
-        apron_region=(0.2 * size, 0.2 * size, 0.8 * size, 0.8 * size),
         planes=int(rng.integers(4, 20)) if airfield else 0,
         ships=max(1, int(rng.integers(10, 31) * area + 0.5)),
         edge_objects=0,
