@@ -123,11 +123,15 @@ def obb_label(obj: TruthObject, size: int) -> str:
     return f"{obj.class_id} " + " ".join(f"{v:.6f}" for v in corners)
 
 
+def hard_share(split: str, args: argparse.Namespace) -> float:
+    """The share of hard chips in ``split``: ``--hard`` for training, none for validation."""
+    return args.hard if split == "train" else 0.0
+
+
 def chip_jobs(root: Path, split: str, args: argparse.Namespace) -> list[tuple[Path, str, int, int, int, float, float]]:
     """One :func:`render_one` job per chip of ``split``; hard chips (``--hard``) go to training only."""
     n = args.train if split == "train" else args.val
-    hard = args.hard if split == "train" else 0.0
-    return [(root, split, i, args.seed, args.chip_size, args.distractors, hard) for i in range(n)]
+    return [(root, split, i, args.seed, args.chip_size, args.distractors, hard_share(split, args)) for i in range(n)]
 
 
 def render_one(job: tuple[Path, str, int, int, int, float, float]) -> dict[str, int]:
@@ -172,8 +176,7 @@ def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, 
         jobs = chip_jobs(root, split, args)
         with ProcessPoolExecutor(max_workers=max(1, args.render_workers)) as pool:
             per_chip = list(pool.map(render_one, jobs, chunksize=4))
-        hard = args.hard if split == "train" else 0.0  # as chip_jobs
-        counts[split] = {"chips": len(jobs), "hard": hard, **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
+        counts[split] = {"chips": len(jobs), "hard": hard_share(split, args), **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
     return counts
 
 
