@@ -15,7 +15,7 @@ from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import InputError
 from rs_detect.io.prefetch import RawBatch, SlabReader, window_batches
-from rs_detect.io.reader import RasterSource, ScaleConfig, plan_bands
+from rs_detect.io.reader import RasterSource, ScaleConfig, percentiles, plan_bands
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
 from rs_detect.preprocess import Normalizer
@@ -69,6 +69,20 @@ def test_uint16_percentile_stretch_and_nodata_fill(tmp_path: Path) -> None:
     want[:20, :20] = 0.0
     np.testing.assert_allclose(x[0, :200, :220].numpy(), want, atol=1e-5)
     assert float(x[0, 200:, :].abs().max()) == 0.0 and float(x[0, :, 220:].abs().max()) == 0.0  # padding
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16])
+def test_percentiles_from_counts_equal_numpys_to_the_last_bit(dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    for i in range(400):
+        lo, hi = sorted(int(v) for v in rng.integers(info.min, info.max + 1, 2))
+        values = rng.integers(lo, (lo if i % 9 == 0 else hi) + 1, int(rng.integers(1, 5000))).astype(dtype)
+        qs = [0.0, 100.0] if i % 5 == 0 else sorted(rng.uniform(0, 100, 3).tolist())
+        got, want = percentiles(values, qs), np.percentile(values, qs)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (values.size, qs, got, want)
+    floats = rng.normal(size=1000).astype(np.float32)  # anything else is numpy's own
+    assert np.array_equal(percentiles(floats, [2.0, 98.0]), np.percentile(floats, [2.0, 98.0]))
 
 
 def test_fixed_scale_and_float_nan(tmp_path: Path) -> None:

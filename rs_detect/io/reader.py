@@ -120,6 +120,37 @@ def plan_bands(
     return BandPlan(tuple(data[:channels]), "direct", channels)
 
 
+def percentiles(values: np.ndarray, qs: tuple[float, ...] | list[float]) -> np.ndarray:
+    """``np.percentile(values, qs)`` (linear), from a histogram where the values are 8/16-bit integers.
+
+    A sample of a scene holds millions of values, and the first batch waits for the stretch: counting
+    them (``np.bincount``) takes a quarter of the time of the partial sort ``np.percentile`` does.
+    The order statistics around each percentile come from the cumulative counts and are interpolated
+    exactly as numpy interpolates them, so the result is the same to the last bit.
+    """
+    if values.dtype.kind not in "ui" or values.dtype.itemsize > 2 or values.size == 0:
+        return np.asarray(np.percentile(values, qs), dtype=np.float64)
+    base = int(values.min()) if values.dtype.kind == "i" else 0
+    cum = np.cumsum(np.bincount(values - np.int32(base) if base else values, minlength=1))
+    n = values.size
+    q = np.true_divide(qs, 100)
+    virtual = (n - 1) * q  # numpy's virtual index for the linear method
+    prev = np.floor(virtual)
+    top = virtual >= n - 1  # numpy takes index -1 (the largest value) twice, and its gamma from -1
+    gamma = virtual - np.where(top, -1, prev)
+    prev[top] = n - 1
+    nxt = np.where(top, n - 1, prev + 1)
+
+    def order_stat(k: np.ndarray) -> np.ndarray:  # the k-th smallest value, in the sample's dtype
+        return (np.searchsorted(cum, k, side="right") + base).astype(values.dtype)
+
+    a, b = order_stat(prev), order_stat(nxt)
+    diff = b - a  # numpy's _lerp, step by step
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
+    return out
+
+
 class RasterSource:
     """An open scene: georeferencing, band plan, scene-wide scaling, and thread-safe windowed reads."""
 
@@ -269,7 +300,7 @@ class RasterSource:
         sample = self._stats_sample(ds)
         if sample.size == 0:
             return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-        lo, hi = np.percentile(sample, cfg.percentiles)
+        lo, hi = percentiles(sample, cfg.percentiles)
         if not hi > lo:
             hi = lo + 1.0
         return ScaleInfo("percentile", float(lo), float(hi), cfg.percentiles)
@@ -280,7 +311,7 @@ class RasterSource:
             if self.overviews or max(self.width, self.height) <= 2048:
                 f = max(1, max(self.width, self.height) // 1024)
                 shape = (len(self.plan.indexes), max(1, self.height // f), max(1, self.width // f))
-                arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=True)
+                arr = ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=self.has_mask)
                 return self._valid_values(arr)
             jobs = self._sample_bands()
             with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, STATS_THREADS), thread_name_prefix="rs-stats") as pool:
@@ -317,12 +348,17 @@ class RasterSource:
         y, h, cols = job
         ds = self._dataset()
         if self.is_striped:
-            band = ds.read(self.plan.indexes, window=Window(0, y, self.width, h), masked=True)
+            band = ds.read(self.plan.indexes, window=Window(0, y, self.width, h), masked=self.has_mask)
             return [self._valid_values(band[:, :, x : x + w]) for x, w in cols]
-        return [self._valid_values(ds.read(self.plan.indexes, window=Window(x, y, w, h), masked=True)) for x, w in cols]
+        return [self._valid_values(ds.read(self.plan.indexes, window=Window(x, y, w, h), masked=self.has_mask)) for x, w in cols]
 
-    def _valid_values(self, arr: np.ma.MaskedArray) -> np.ndarray:
-        data = np.ma.getdata(arr).astype(np.float32)
+    def _valid_values(self, arr: np.ndarray | np.ma.MaskedArray) -> np.ndarray:
+        """The valid values of the model's channels, flat: raw integers where the bands pass through
+        unchanged (one band, or one replicated), else float32."""
+        data = np.ma.getdata(arr)
+        if self.plan.combine in ("direct", "replicate") and data.dtype.kind in "ui" and data.shape[0] == 1:
+            return data[0][~np.ma.getmaskarray(arr)[0]] if np.ma.is_masked(arr) else data.ravel()
+        data = data.astype(np.float32)
         mask = np.ma.getmaskarray(arr).any(axis=0) | ~np.isfinite(data).all(axis=0)
         combined = self._combine(data)
         return combined[:, ~mask].ravel()
