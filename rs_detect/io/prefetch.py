@@ -248,11 +248,13 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
 
     def start(group: list[Tile]) -> None:
         nonlocal lookahead
-        # decode every slab this batch needs, and those of the next row of windows (one tile further down)
-        last = reader.span(group[-1])
-        ahead = (min(group[-1].row_off + 2 * size, src.height) - 1) // reader.rows
-        reader.request(range(lookahead, max(last[-1], ahead) + 1))
-        lookahead = max(lookahead, ahead + 1, last[-1] + 1)
+        # decode every slab this batch needs, then those of the next row of windows (one tile further
+        # down): queued in that order, so a batch never waits behind the read-ahead (the first one above all)
+        need = reader.span(group[-1])[-1] + 1
+        ahead = (min(group[-1].row_off + 2 * size, src.height) - 1) // reader.rows + 1
+        reader.request(range(lookahead, need))
+        reader.request(range(max(lookahead, need), ahead))
+        lookahead = max(lookahead, need, ahead)
         n = len(group)
         data = torch.empty((n, bands, size, size), dtype=tdtype, pin_memory=pin)
         # a mask only where a slot can have invalid pixels: pinned memory is resident (16 MB a batch)
