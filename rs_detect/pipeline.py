@@ -198,7 +198,7 @@ class ScenePipeline:
                         t_wait = time.perf_counter()
                         continue
                     t0 = time.perf_counter()
-                    raw = self.engine.infer(norm(item))
+                    raw = self.engine.infer_normalized(*norm.upload(item), norm)
                     ready = None
                     if raw.is_cuda:
                         ready = torch.cuda.Event(blocking=True)

@@ -16,7 +16,14 @@ from rs_detect.io.reader import LUMA, RasterSource
 
 
 class Normalizer:
-    """Apply one scene's band plan and scaling to raw batches."""
+    """Apply one scene's band plan and scaling to raw batches.
+
+    Two steps: :meth:`upload` moves a raw batch to the engine's device, :meth:`apply` turns raw pixels
+    there into the model's input. ``normalizer(batch)`` does both. An engine that runs a captured CUDA
+    graph can capture :meth:`apply` together with the model (:meth:`Engine.infer_normalized`): the
+    scaling then reads its numbers from a small tensor (:attr:`params`), so one graph serves every scene
+    of a dtype, and the main thread launches one graph instead of a handful of kernels per batch.
+    """
 
     def __init__(self, src: RasterSource, device: torch.device, dtype: torch.dtype, fill_value: float = 0.0) -> None:
         self.device, self.dtype = device, dtype
@@ -24,6 +31,7 @@ class Normalizer:
         self.channels = src.channels
         self._src = src  # the stretch is read on first use: it may still be measured while tiles decode
         self._scaling: tuple[float, float] | None = None
+        self._params: torch.Tensor | None = None
         self.fill = float(fill_value)
         lut = src.lut
         self.lut = None if lut is None else torch.from_numpy(np.ascontiguousarray(lut)).to(device)
@@ -38,39 +46,61 @@ class Normalizer:
             self._scaling = (float(s.low), 1.0 / float(s.high - s.low))
         return self._scaling
 
-    def __call__(self, batch: RawBatch) -> torch.Tensor:
-        """The model input for ``batch``, ready on the engine's current stream.
+    @property
+    def params(self) -> torch.Tensor:
+        """[low, gain, fill] as float32 on the device (what :meth:`apply` reads inside a graph)."""
+        if self._params is None:
+            low, gain = self.scaling
+            self._params = torch.tensor([low, gain, self.fill], dtype=torch.float32).to(self.device)
+        return self._params
 
-        On a GPU the upload and scaling run on a stream of their own: the copy engine moves the next
-        batch while the SMs still run this one's inference, and the engine's stream only waits for an
-        event (engine-only speed has no upload to pay; end-to-end should not pay it either).
+    @property
+    def graphable(self) -> bool:
+        """Whether :meth:`apply` depends on the scene only through :attr:`params` (no palette, no mixing)."""
+        return self.combine in ("direct", "replicate")
+
+    def __call__(self, batch: RawBatch) -> torch.Tensor:
+        """The model input for ``batch``, ready on the engine's current stream."""
+        raw, valid = self.upload(batch)
+        return self.apply(raw, valid)
+
+    def upload(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw pixels and validity on the engine's device, ready on its current stream.
+
+        On a GPU the copies run on a stream of their own: the copy engine moves the next batch while
+        the SMs still run this one's inference, and the engine's stream only waits for an event
+        (engine-only speed has no upload to pay; end-to-end should not pay it either).
         """
         if self.device.type != "cuda":
-            return self._prepare(batch)
+            return batch.data, batch.valid
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.device)
         consumer = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
-            x = self._prepare(batch)
+            raw = batch.data.to(self.device, non_blocking=True)
+            valid = None if batch.valid is None else batch.valid.to(self.device, non_blocking=True)
         consumer.wait_stream(self._stream)
-        x.record_stream(consumer)  # allocated on the upload stream, freed after the engine's use
-        return x
+        for t in (raw, valid):  # allocated on the upload stream, freed after the engine's use
+            if t is not None:
+                t.record_stream(consumer)
+        return raw, valid
 
-    def _prepare(self, batch: RawBatch) -> torch.Tensor:
-        nb = self.device.type == "cuda"
-        x = batch.data.to(self.device, non_blocking=nb)
+    def apply(self, raw: torch.Tensor, valid: torch.Tensor | None, params: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw pixels [N, bands, S, S] (and validity [N, S, S]) on the device -> the model's input.
+
+        ``params``: [low, gain, fill] to read instead of :attr:`params` (a captured graph's own copy).
+        """
+        p = self.params if params is None else params
         if self.combine == "palette":
             assert self.lut is not None
-            x = self.lut[x.long().clamp_(0, self.lut.numel() - 1)]
+            x = self.lut[raw.long().clamp_(0, self.lut.numel() - 1)]
         else:
-            x = x.float()
+            x = raw.float()
         if self.combine == "luminance":
             x = torch.einsum("c,nchw->nhw", self.luma, x)[:, None]
-        low, gain = self.scaling
-        x = x.sub_(low).mul_(gain).clamp_(0.0, 1.0)
+        x = x.sub_(p[0]).mul_(p[1]).clamp_(0.0, 1.0)
         if self.combine == "replicate":
             x = x.expand(-1, self.channels, -1, -1)
-        if batch.valid is not None:
-            valid = batch.valid.to(self.device, non_blocking=nb)[:, None]
-            x = torch.where(valid, x, torch.full((), self.fill, device=self.device))
+        if valid is not None:
+            x = torch.where(valid[:, None], x, p[2])
         return x.to(self.dtype).contiguous()

@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tif
 from fake_tensorrt import MiniYolo, mini_torchscript
 
 from rs_detect.engines import load_engine
-from rs_detect.engines.torch import TorchScriptEngine, load_torchscript
+from rs_detect.engines.torch import TorchScriptEngine, _Graph, load_torchscript
 from rs_detect.errors import EngineUnavailableError, ModelError
+from rs_detect.io.reader import RasterSource
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
+from rs_detect.preprocess import Normalizer
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +174,8 @@ def test_capture_failure_falls_back_to_eager_once(ts_path: Path, monkeypatch: py
     engine.cuda_graphs = True  # as on CUDA; capture itself needs a GPU, so it is made to fail here
     calls: list[int] = []
 
-    def refuse(x: torch.Tensor) -> object:
-        calls.append(int(x.shape[0]))
+    def refuse(fn: object, inputs: tuple[torch.Tensor, ...]) -> object:
+        calls.append(int(inputs[0].shape[0]))
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(engine, "_capture", refuse)
@@ -220,3 +223,89 @@ def test_gpu_check_tool_runs_without_the_geo_packages(tmp_path: Path) -> None:
     assert report["detections"]["matched"] == report["detections"]["reference_boxes"] > 0
     assert report["raw"]["scores"]["max_abs_diff"] < 1e-4 and report["raw"]["box"]["p999_abs_diff"] < 1e-2
     assert res.stdout.startswith("PASS: cpu fp32 vs ONNX Runtime CPU fp32")
+
+
+def _normalizers(tmp_path: Path, device: str, dtype: torch.dtype) -> list[Normalizer]:
+    """Normalizers of two uint16 scenes with different stretches, and of one uint8 scene."""
+    rng = np.random.default_rng(5)
+    out = []
+    for name, lo, hi, dt in (("a", 1000, 3000, np.uint16), ("b", 200, 60000, np.uint16), ("c", 0, 255, np.uint8)):
+        src = RasterSource(write_tif(tmp_path / f"{name}.tif", rng.integers(lo, hi, (80, 90)).astype(dt)))
+        out.append(Normalizer(src, torch.device(device), dtype, fill_value=0.25))
+    return out
+
+
+def _raw(n: int, dtype: torch.dtype, seed: int, masked: bool, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 255 if dtype == torch.uint8 else 4000, (n, 1, 64, 64), generator=g).to(dtype)
+    valid = (torch.rand((n, 64, 64), generator=g) > 0.3) if masked else None
+    return raw.to(device), None if valid is None else valid.to(device)
+
+
+class _EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay() runs the captured function on the static inputs again."""
+
+    def __init__(self, fn, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:  # noqa: ANN001
+        self.fn, self.inputs, self.output, self.replays = fn, inputs, output, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        with torch.inference_mode():
+            self.output.copy_(self.fn(*self.inputs))
+
+
+def test_fused_scaling_graph_bookkeeping_on_the_cpu(ts_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """infer_normalized's graph logic (one graph per raw dtype; scaling, mask and padding copied into its
+    own inputs) with the capture replaced by an eager stand-in: the same results as scaling, then infer."""
+    engine = TorchScriptEngine(ts_path, device="cpu")
+    ref = TorchScriptEngine(ts_path, device="cpu")
+    engine.cuda_graphs = True
+    captured: list[tuple[torch.dtype, int]] = []
+
+    def capture(fn, inputs):  # noqa: ANN001, ANN202
+        static = tuple(t.clone() for t in inputs)
+        with torch.inference_mode():
+            output = fn(*static).clone()
+        captured.append((static[0].dtype, int(static[0].shape[0])))
+        return _Graph(_EagerGraph(fn, static, output), static, output)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    engine.warmup(4)  # the model-only graph, batch 4
+    a, b, c = _normalizers(tmp_path, "cpu", torch.float32)
+    assert a.params[0] != b.params[0] and a.graphable
+    steps = [(a, 4, torch.uint16, False), (a, 3, torch.uint16, True), (a, 4, torch.uint16, False),  # full, padded + mask, mask gone
+             (b, 4, torch.uint16, False), (c, 2, torch.uint8, True), (a, 4, torch.uint16, True)]   # new scaling, new dtype, back
+    outs = []
+    for i, (norm, n, dtype, masked) in enumerate(steps):
+        raw, valid = _raw(n, dtype, i, masked)
+        got = engine.infer_normalized(raw, valid, norm)
+        want = ref.infer(norm.apply(raw.clone(), valid))
+        assert got.shape == (n, 19, 84)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        outs.append((got, want))
+    assert captured == [(torch.float32, 4), (torch.uint16, 4), (torch.uint8, 4)]  # model only, then one per raw dtype
+    assert len(engine._fused) == 2
+    for got, want in outs:  # each result is its own tensor: later replays did not overwrite it
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    raw, _ = _raw(6, torch.uint16, 9, False)  # larger than the graph: eager, still right
+    torch.testing.assert_close(engine.infer_normalized(raw, None, a), ref.infer(a.apply(raw.clone(), None)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_scaling_graph_matches_scaling_then_eager(ts_path: Path, tmp_path: Path) -> None:
+    graphs = TorchScriptEngine(ts_path, device="cuda", cuda_graphs=True)
+    eager = TorchScriptEngine(ts_path, device="cuda", cuda_graphs=False)
+    graphs.warmup(4)
+    a, b, c = _normalizers(tmp_path, "cuda", torch.float16)
+    outs = []
+    for i, (norm, n, dtype, masked) in enumerate([(a, 4, torch.uint16, False), (a, 3, torch.uint16, True), (a, 4, torch.uint16, False),
+                                                  (b, 4, torch.uint16, False), (c, 2, torch.uint8, True), (a, 4, torch.uint16, True)]):
+        raw, valid = _raw(n, dtype, i, masked, "cuda")
+        got = graphs.infer_normalized(raw, valid, norm)
+        want = eager.infer(norm.apply(raw.clone(), valid))
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        outs.append((got, want))
+    assert len(graphs._fused) == 2 and graphs.cuda_graphs
+    for got, want in outs:
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

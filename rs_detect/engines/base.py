@@ -8,12 +8,16 @@ min == max), so callers never see a batch-size error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rs_detect.postprocess.decode import check_output_shape
 from rs_detect.types import ModelMeta
+
+if TYPE_CHECKING:  # engines import without rasterio
+    from rs_detect.preprocess import Normalizer
 
 
 class Engine(ABC):
@@ -56,6 +60,14 @@ class Engine(ABC):
             check_output_shape(tuple(out.shape), self.meta, f"{self.meta.source or self.backend}")
             self._checked = True
         return out[:n]
+
+    def infer_normalized(self, raw: torch.Tensor, valid: torch.Tensor | None, norm: Normalizer) -> torch.Tensor:
+        """Raw pixels on the engine's device -> raw output, scaled by ``norm`` first.
+
+        A backend may run the scaling inside the model's own launch (the TorchScript engine captures
+        both in one CUDA graph); this default scales, then calls :meth:`infer`.
+        """
+        return self.infer(norm.apply(raw, valid))
 
     def warmup(self, batch: int) -> None:  # noqa: B027 - optional hook
         """Prepare for batches of ``batch`` before the first scene (e.g. capture a CUDA graph)."""
