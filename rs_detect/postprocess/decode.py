@@ -6,7 +6,7 @@ OBB: [B, 4 + nc + 1, A]: the same, then one angle channel (radians).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,19 @@ class DecodeParams:
     conf: torch.Tensor  # [nc] float, per-class confidence threshold
     keep_class: torch.Tensor  # [nc] bool
     max_candidates: int = 30000  # per image, before NMS (as Ultralytics' max_nms)
+    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def floor_on(self, device: torch.device) -> torch.Tensor:
+        """[nc] score a candidate of each class must reach (inf: class not kept), cached per device.
+
+        Copied to a GPU once, not per batch: a host-to-device copy of pageable memory waits for the
+        copy, in the post-processing thread, twice a batch.
+        """
+        floor = self._on.get(device)
+        if floor is None:
+            floor = torch.where(self.keep_class, self.conf, torch.tensor(float("inf"))).to(device)
+            self._on[device] = floor
+        return floor
 
     @staticmethod
     def build(meta: ModelMeta, conf: float, conf_by_class: dict[str, float] | None, classes: tuple[str, ...] | None) -> DecodeParams:
@@ -55,17 +68,17 @@ def check_output_shape(shape: tuple[int, ...], meta: ModelMeta, where: str) -> N
 def decode(raw: torch.Tensor, meta: ModelMeta, params: DecodeParams) -> Detections:
     """Raw [B, C, A] -> candidates above threshold, in tile pixels; ``tile_ids`` hold the batch index."""
     nc = meta.nc
-    x = raw.float().transpose(1, 2)  # [B, A, C]
-    cls_scores = x[..., 4 : 4 + nc]
-    scores, class_ids = cls_scores.max(dim=-1)  # [B, A]
-    conf = params.conf.to(raw.device)
-    keep = (scores >= conf[class_ids]) & params.keep_class.to(raw.device)[class_ids]
+    raw = raw.float()
+    scores, class_ids = raw[:, 4 : 4 + nc].max(dim=1)  # [B, A]
+    keep = scores >= params.floor_on(raw.device)[class_ids]
     b_idx, a_idx = keep.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return Detections.empty(meta.task, "tile").to(raw.device)
     if b_idx.numel() > params.max_candidates * raw.shape[0]:
         # Pathological (untrained model, conf 0): keep the best per batch to bound NMS memory.
         top = scores[b_idx, a_idx].topk(params.max_candidates * raw.shape[0]).indices
         b_idx, a_idx = b_idx[top], a_idx[top]
-    sel = x[b_idx, a_idx]
+    sel = raw[b_idx, :, a_idx]  # [N, C]
     if meta.task == "obb":
         boxes = regularize_obb(torch.cat((sel[:, :4], sel[:, 4 + nc : 5 + nc]), dim=1))
     else:

@@ -37,11 +37,11 @@ def to_scene(dets: Detections, tiles: Sequence[Tile], edge_margin: float = 3.0) 
     """Tile-frame detections (``tile_ids`` = position in ``tiles``) -> scene frame, cut flags set."""
     if len(dets) == 0:
         return Detections.empty(dets.task, "scene")
-    dev = dets.boxes.device
-    pos = dets.tile_ids
-    offs = torch.tensor([[t.col_off, t.row_off] for t in tiles], dtype=torch.float32, device=dev)[pos]
-    sizes = torch.tensor([[t.width, t.height] for t in tiles], dtype=torch.float32, device=dev)[pos]
-    interior = torch.tensor([t.interior for t in tiles], dtype=torch.bool, device=dev)[pos]
+    # one table of the tiles (a single copy to the device, a single gather): offset, size, interior edges, index
+    table = torch.tensor([[t.col_off, t.row_off, t.width, t.height, *t.interior, t.index] for t in tiles], dtype=torch.int64)
+    info = table.to(dets.boxes.device)[dets.tile_ids]
+    offs, sizes = info[:, 0:2].float(), info[:, 2:4].float()
+    interior = info[:, 4:8].bool()
     aabb = dets.aabb()
     cut = (
         (interior[:, 0] & (aabb[:, 0] <= edge_margin))
@@ -54,8 +54,7 @@ def to_scene(dets: Detections, tiles: Sequence[Tile], edge_margin: float = 3.0) 
         boxes[:, :2] += offs
     else:
         boxes[:, :4] += offs.repeat(1, 2)
-    tile_index = torch.tensor([t.index for t in tiles], dtype=torch.int64, device=dev)[pos]
-    return Detections(boxes, dets.scores, dets.class_ids, tile_index, dets.task, "scene", cut)
+    return Detections(boxes, dets.scores, dets.class_ids, info[:, 8].clone(), dets.task, "scene", cut)
 
 
 def _pairs(aabb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
