@@ -71,6 +71,7 @@ class RawBatch:
 SLAB_ROWS = 256  # the smallest slab: whole blocks or strips of at least this many rows
 MAX_SLAB_ROWS = 1024  # a block taller than this (one strip for a whole image) is read in bands anyway
 PART_BYTES = 2 << 20  # striped files: decode jobs of whole strips, about this many bytes of pixels
+PARTS_PER_THREAD = 2  # tiled files: a slab's row of blocks is cut into this many column parts per reader thread
 
 
 @dataclass
@@ -104,7 +105,7 @@ class SlabReader:
         blocks = -(-src.width // block_w)
         if block_h > MAX_SLAB_ROWS:  # blocks taller than a slab: each slab decodes its rows of them again
             self.rows = self.part_rows = MAX_SLAB_ROWS
-            self.part_cols = src.width if src.is_striped else max(1, -(-blocks // (2 * self.threads))) * block_w
+            self.part_cols = src.width if src.is_striped else max(1, -(-blocks // (PARTS_PER_THREAD * self.threads))) * block_w
         elif src.is_striped:
             # parts: whole strips, about PART_BYTES each (a read per strip costs more than the strip);
             # a slab: one part per thread, within the slab bounds
@@ -115,10 +116,10 @@ class SlabReader:
             self.rows = parts * self.part_rows
             self.part_cols = src.width
         else:
-            # whole rows of blocks; parts: column chunks of whole blocks, two per thread
+            # whole rows of blocks; parts: column chunks of whole blocks, PARTS_PER_THREAD per thread
             self.rows = block_h * max(1, -(-SLAB_ROWS // block_h))
             self.part_rows = self.rows
-            self.part_cols = max(1, -(-blocks // (2 * self.threads))) * block_w
+            self.part_cols = max(1, -(-blocks // (PARTS_PER_THREAD * self.threads))) * block_w
         self.slabs: dict[int, _Slab] = {}
         self._lock = threading.Lock()
 
