@@ -239,9 +239,12 @@ def test_stretch_sample_windows_decode_one_block_each_and_match_the_scene(tmp_pa
     img = (rng.gamma(2.0, 400.0, (2600, 3000)) + 300).clip(0, 65535).astype(np.uint16)
     for layout in ({"tiled": True}, {"tiled": False, "blockysize": 8}):
         src = RasterSource(write_tif(tmp_path / f"s{len(layout)}.tif", img, **layout))
-        jobs = src._sample_bands()
+        jobs = src._sample_plan()
         bh, bw = src.block_shapes[0]
-        assert len(jobs) == 8 and all(len(cols) == 8 for _, _, cols in jobs)
+        if src.is_striped:  # a job per grid row: one full-width read for its 8 windows
+            assert len(jobs) == 8 and all(len(cols) == 8 for _, _, cols in jobs)
+        else:  # a job per window, so that all the reader threads share them
+            assert len(jobs) == 64 and all(len(cols) == 1 for _, _, cols in jobs)
         for y, h, cols in jobs:
             assert y // bh == (y + h - 1) // bh or src.is_striped  # one row of blocks per window
             for x, w in cols:
@@ -355,17 +358,17 @@ def test_background_scale_matches_and_overlaps_the_first_reads(tmp_path: Path, m
 
     # the statistics wait until a tile has been read: a pipeline that measured them first would hang
     first_read = threading.Event()
-    real_sample, real_read = RasterSource._stats_sample, RasterSource.read_raw
+    real_sample, real_read = RasterSource._sample_part, RasterSource.read_raw
 
-    def sample_after_a_read(self: RasterSource, ds: object) -> np.ndarray:
+    def sample_after_a_read(self: RasterSource, job: object) -> np.ndarray:
         assert first_read.wait(timeout=20), "no tile was read while the stretch was being measured"
-        return real_sample(self, ds)
+        return real_sample(self, job)  # type: ignore[arg-type]
 
     def read(self: RasterSource, *a: object, **k: object) -> object:
         first_read.set()
         return real_read(self, *a, **k)
 
-    monkeypatch.setattr(RasterSource, "_stats_sample", sample_after_a_read)
+    monkeypatch.setattr(RasterSource, "_sample_part", sample_after_a_read)
     monkeypatch.setattr(RasterSource, "read_raw", read)
     res = ScenePipeline(FakeEngine(imgsz=512), Config(batch_size=2, read_threads=2)).run(path)
     assert res.metadata["scale"]["low"] == want.low and res.metadata["scale"]["high"] == want.high
@@ -375,10 +378,10 @@ def test_background_scale_matches_and_overlaps_the_first_reads(tmp_path: Path, m
 def test_background_scale_error_reaches_the_caller_as_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_tif(tmp_path / "s.tif", np.full((600, 700), 900, dtype=np.uint16))
 
-    def broken(self: RasterSource, ds: object) -> np.ndarray:
+    def broken(self: RasterSource, job: object) -> np.ndarray:
         raise InputError(f"{self.path}: read failed while measuring the scene's value range (boom)")
 
-    monkeypatch.setattr(RasterSource, "_stats_sample", broken)
+    monkeypatch.setattr(RasterSource, "_sample_part", broken)
     src = RasterSource(path, background_scale=True)  # opening does not wait for the statistics
     with pytest.raises(InputError, match="s.tif: read failed while measuring"):
         src.scale
