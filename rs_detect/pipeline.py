@@ -32,7 +32,7 @@ from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
 from rs_detect.io.reader import RasterSource
-from rs_detect.io.prefetch import RawBatch, RawTile, in_background, window_batches
+from rs_detect.io.prefetch import RawBatch, RawTile, cutter_threads, in_background, prestart, window_batches
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer
@@ -115,11 +115,12 @@ class ScenePipeline:
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def _raw_batches(self, src: RasterSource, tiles: Iterator[Tile], pool: ThreadPoolExecutor) -> Iterator[RawBatch | RawTile]:
+    def _raw_batches(self, src: RasterSource, tiles: Iterator[Tile], pool: ThreadPoolExecutor,
+                     cutters: ThreadPoolExecutor) -> Iterator[RawBatch | RawTile]:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
         pin = self.engine.device.type == "cuda"
-        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, cfg.read_threads)
+        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, cfg.read_threads, cutters)
         # window_batches already keeps ``prefetch`` batches being cut; the hand-over queue needs one
         # more (each batch a queue holds is pinned, resident memory: 32 MB at 16 x 1024 x 1024 uint16)
         return in_background(batches, 1, name="rs-batches")
@@ -162,9 +163,23 @@ class ScenePipeline:
             check_writable(output)
         cfg = self.config
         stats = RunStats()
+        # the pools first, all their threads started while nothing else runs; the stretch's sample
+        # reads go to the reader pool ahead of the tiles
+        with ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
+                ThreadPoolExecutor(cutter_threads(cfg.read_threads), thread_name_prefix="rs-cut") as cutters, \
+                ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
+            prestart(pool, cfg.read_threads)
+            prestart(cutters, cutter_threads(cfg.read_threads))
+            return self._run(scene, output, progress, start, stats, pool, cutters, post)
+
+    def _run(self, scene: Path, output: Path | None, progress: bool, start: float, stats: RunStats,
+             pool: ThreadPoolExecutor, cutters: ThreadPoolExecutor, post: ThreadPoolExecutor) -> SceneResult:
+        cfg = self.config
+        t_open = time.perf_counter()
+        stats.add_time("setup", t_open - start)
         with RasterSource(scene, channels=self.meta.channels, bands=cfg.bands, scale=cfg.scale, fill_value=cfg.nodata_fill,
-                          background_scale=True, handles=cfg.read_threads) as src:
-            stats.add_time("open", time.perf_counter() - start)  # header and georeferencing (the stretch runs alongside the reads)
+                          background_scale=True, handles=cfg.read_threads, pool=pool) as src:
+            stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing (the stretch runs alongside the reads)
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)
             norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], cfg.nodata_fill)
@@ -183,11 +198,9 @@ class ScenePipeline:
                 bar.set_postfix(detections=stats.detections_raw, refresh=False)
 
             trim = HeapTrimmer()
-            with bar, ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
-                    ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
+            with bar:
                 t_wait = time.perf_counter()
-                stats.add_time("setup", t_wait - start - stats.stage_seconds["open"])
-                for item in self._raw_batches(src, tiles, pool):
+                for item in self._raw_batches(src, tiles, pool, cutters):
                     waited = time.perf_counter() - t_wait
                     stats.add_time("wait_for_reader", waited)
                     if "first_batch" not in stats.stage_seconds:
