@@ -122,9 +122,20 @@ class SlabReader:
             self.part_rows = self.rows
             self.part_cols = max(1, -(-blocks // (PARTS_PER_THREAD * self.threads))) * block_w
         self.slabs: dict[int, _Slab] = {}
+        self._spare: list[tuple[np.ndarray, np.ndarray | None]] = []  # finished slabs' arrays, for reuse
         self._lock = threading.Lock()
 
     # -- decoding ------------------------------------------------------------------------------
+
+    def _arrays(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A slab's pixel and mask arrays: a finished slab's, when one of this height is spare, else new."""
+        with self._lock:
+            for k, (data, valid) in enumerate(self._spare):
+                if data.shape[1] == rows:
+                    del self._spare[k]
+                    return data, valid
+        data = np.empty((self.bands, rows, self.src.width), dtype=self.src.dtype)
+        return data, (np.empty((rows, self.src.width), dtype=bool) if self.src.has_mask else None)
 
     def _decode(self, slab: _Slab, x0: int, y0: int, w: int, h: int) -> None:
         dy = y0 - slab.y0
@@ -147,8 +158,7 @@ class SlabReader:
             if index in self.slabs or y0 >= self.src.height:
                 continue
             y1 = min(y0 + self.rows, self.src.height)
-            data = np.empty((self.bands, y1 - y0, self.src.width), dtype=self.src.dtype)
-            valid = np.empty((y1 - y0, self.src.width), dtype=bool) if self.src.has_mask else None
+            data, valid = self._arrays(y1 - y0)
             slab = _Slab(y0, y1, data, valid, [])
             for y in range(y0, y1, self.part_rows):
                 for x in range(0, self.src.width, self.part_cols):
@@ -169,7 +179,7 @@ class SlabReader:
                 slab = self.slabs[i]
                 slab.passed = True
                 if slab.users == 0:
-                    del self.slabs[i]
+                    self._free(self.slabs.pop(i))
 
     def hold(self, tile: Tile) -> list[_Slab]:
         with self._lock:
@@ -182,8 +192,13 @@ class SlabReader:
         with self._lock:
             for slab in slabs:
                 slab.users -= 1
-                if slab.users == 0 and slab.passed:
-                    self.slabs.pop(slab.y0 // self.rows, None)
+                if slab.users == 0 and slab.passed and self.slabs.get(slab.y0 // self.rows) is slab:
+                    self._free(self.slabs.pop(slab.y0 // self.rows))
+
+    def _free(self, slab: _Slab) -> None:
+        """Keep a finished slab's arrays for the next slab of the same shape (under the lock)."""
+        if all(part.future.done() for part in slab.parts):
+            self._spare.append((slab.data, slab.valid))
 
     # -- cutting -------------------------------------------------------------------------------
 
