@@ -109,6 +109,23 @@ def test_scores_below_threshold_and_filtered_classes_are_dropped() -> None:
     assert dets.boxes.tolist() == [[48.0, 47.0, 52.0, 53.0]]
 
 
+def test_thresholds_cached_per_device_follow_a_replaced_copy() -> None:
+    """The per-device floor is cached; a copy made with dataclasses.replace (the pipeline's lower
+    stitching threshold) must not reuse the original's cached floor, nor the original the copy's."""
+    from dataclasses import replace
+
+    meta = ModelMeta(names=DOTA_CLASSES, imgsz=IMGSZ)
+    raw = torch.zeros((1, 19, 84))
+    raw[0, :4, 0] = torch.tensor([50.0, 50.0, 4.0, 6.0])
+    raw[0, 4 + 1, 0] = 0.3  # a ship at 0.3
+    params = DecodeParams.build(meta, 0.5, None, ("plane", "ship"))
+    assert len(decode(raw, meta, params)) == 0  # caches the 0.5 floor
+    low = replace(params, conf=torch.clamp(params.conf, max=0.1))
+    assert len(decode(raw, meta, low)) == 1
+    assert len(decode(raw, meta, params)) == 0
+    assert float(params.floor_on(torch.device("cpu"))[2]) == math.inf  # a class not kept never passes
+
+
 def test_unknown_class_name_is_refused() -> None:
     meta = ModelMeta(names=DOTA_CLASSES, imgsz=IMGSZ)
     with pytest.raises(ModelError, match="unknown class 'boat'"):

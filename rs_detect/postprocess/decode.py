@@ -22,7 +22,8 @@ class DecodeParams:
     conf: torch.Tensor  # [nc] float, per-class confidence threshold
     keep_class: torch.Tensor  # [nc] bool
     max_candidates: int = 30000  # per image, before NMS (as Ultralytics' max_nms)
-    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    # per-device cache of floor_on; not an init field, so dataclasses.replace() starts a fresh one
+    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def floor_on(self, device: torch.device) -> torch.Tensor:
         """[nc] score a candidate of each class must reach (inf: class not kept), cached per device.
