@@ -33,14 +33,14 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rs_detect import __version__
-from rs_detect.config import Config
+from rs_detect.config import Config, auto_read_threads
 from rs_detect.errors import ConfigError, InputError, ModelError, OutputError, RsDetectError
 from rs_detect.io.writer import EXTENSIONS, check_writable, format_for
 
@@ -823,6 +823,8 @@ def _execute(
     with dask_client(workers, scheduler, str(config.device)) as (client, n):
         summary.workers = n
         threads = max(1, (os.cpu_count() or 1) // n) if scheduler is None else None  # share this host's cores
+        if threads is not None and config.read_threads is None:  # and their readers too
+            config = replace(config, read_threads=auto_read_threads(str(config.device), threads))
         run_dask(todo, WorkerSpec(config, identity, threads), client, record)
 
 

@@ -25,6 +25,27 @@ def default_model() -> Path:
     return Path(env) if env else SAMPLE_MODEL
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_read_threads(device: str, cores: int | None = None) -> int:
+    """Reader threads when ``read_threads`` is not set: on a GPU, all cores but four (at most 16); on the CPU, up to 4.
+
+    On a GPU the readers are what keeps the engine busy, and the main, post-processing, cutter and
+    batching threads need the GIL and a core too: on the 16-core H200, 12 readers ran YOLOv8n at 0.80 of
+    engine speed where 14 ran it at 0.70. On the CPU the model itself wants the cores.
+    """
+    n = available_cores() if cores is None else max(1, int(cores))
+    if str(device).startswith("cuda"):
+        return max(2, min(16, n - 4))
+    return max(1, min(4, n))
+
+
 @dataclass(frozen=True)
 class Config:
     model: str | None = None
@@ -49,7 +70,7 @@ class Config:
     duplicate_ios: float | None = 0.5  # a box this much inside a higher-scoring one of its class is a duplicate; None: keep
     edge_margin: float = 3.0
     nodata_fill: float = 0.0
-    read_threads: int = 4
+    read_threads: int | None = None  # None: auto_read_threads(device)
     prefetch: int = 2  # batches read ahead of the engine
 
     def __post_init__(self) -> None:
@@ -72,7 +93,7 @@ class Config:
         check(self.crs in ("wgs84", "native"), f"crs must be wgs84 or native, got {self.crs!r}")
         check(str(self.device) == "cpu" or str(self.device).startswith("cuda"), f"device must be cpu or cuda[:N], got {self.device!r}")
         check(self.bands is None or all(int(b) >= 1 for b in self.bands), f"bands are 1-based, got {self.bands}")
-        check(self.read_threads >= 1 and self.prefetch >= 1, "read_threads and prefetch must be >= 1")
+        check((self.read_threads is None or self.read_threads >= 1) and self.prefetch >= 1, "read_threads and prefetch must be >= 1")
 
     def model_path(self) -> Path:
         return Path(self.model) if self.model else default_model()

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from rs_detect import __version__
-from rs_detect.config import Config
+from rs_detect.config import Config, auto_read_threads
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
@@ -99,6 +99,8 @@ class ScenePipeline:
         self.batch_size = max(1, min(wanted, self.meta.max_batch))
         if not self.meta.dynamic_batch:
             self.batch_size = self.meta.max_batch
+        #: reader threads: the configured number, else all cores but four on a GPU, up to 4 on the CPU
+        self.read_threads = config.read_threads or auto_read_threads(engine.device.type)
         self._side_stream: torch.cuda.Stream | None = None
         engine.warmup(self.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
         if model_sha256 is None and model_path and model_path.is_file():
@@ -120,7 +122,7 @@ class ScenePipeline:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
         pin = self.engine.device.type == "cuda"
-        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, cfg.read_threads, cutters)
+        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, self.read_threads, cutters)
         # window_batches already keeps ``prefetch`` batches being cut; the hand-over queue needs one
         # more (each batch a queue holds is pinned, resident memory: 32 MB at 16 x 1024 x 1024 uint16)
         return in_background(batches, 1, name="rs-batches")
@@ -161,15 +163,15 @@ class ScenePipeline:
         scene = Path(scene)
         if output is not None:
             check_writable(output)
-        cfg = self.config
         stats = RunStats()
         # the pools first, all their threads started while nothing else runs; the stretch's sample
         # reads go to the reader pool ahead of the tiles
-        with ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="rs-read") as pool, \
-                ThreadPoolExecutor(cutter_threads(cfg.read_threads), thread_name_prefix="rs-cut") as cutters, \
+        readers, cut = self.read_threads, cutter_threads(self.read_threads)
+        with ThreadPoolExecutor(readers, thread_name_prefix="rs-read") as pool, \
+                ThreadPoolExecutor(cut, thread_name_prefix="rs-cut") as cutters, \
                 ThreadPoolExecutor(1, thread_name_prefix="rs-post") as post:
-            prestart(pool, cfg.read_threads)
-            prestart(cutters, cutter_threads(cfg.read_threads))
+            prestart(pool, readers)
+            prestart(cutters, cut)
             return self._run(scene, output, progress, start, stats, pool, cutters, post)
 
     def _run(self, scene: Path, output: Path | None, progress: bool, start: float, stats: RunStats,
@@ -178,7 +180,7 @@ class ScenePipeline:
         t_open = time.perf_counter()
         stats.add_time("setup", t_open - start)
         with RasterSource(scene, channels=self.meta.channels, bands=cfg.bands, scale=cfg.scale, fill_value=cfg.nodata_fill,
-                          background_scale=True, handles=cfg.read_threads, pool=pool) as src:
+                          background_scale=True, handles=self.read_threads, pool=pool) as src:
             stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing (the stretch runs alongside the reads)
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)

@@ -372,3 +372,26 @@ def test_dask_lost_worker_completes_each_scene_once(archive: Path, tmp_path: Pat
     clear_pipeline_cache()
     again = run_batch([archive], out, cfg)
     assert {o.status for o in again.outcomes.values()} == {"skipped"}
+
+
+def test_local_workers_share_the_cores_among_their_readers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With read_threads unset, a local cluster's workers split this host's cores for their readers
+    too (each would otherwise take all cores but four); a configured number is left alone."""
+    import contextlib
+
+    from rs_detect import batch as b
+
+    seen: list[b.WorkerSpec] = []
+
+    @contextlib.contextmanager
+    def fake_client(workers: int | None, scheduler: str | None, device: str) -> Iterator[tuple[object, int]]:
+        yield object(), 4
+
+    monkeypatch.setattr(b, "dask_client", fake_client)
+    monkeypatch.setattr(b, "run_dask", lambda todo, spec, client, record: seen.append(spec))
+    monkeypatch.setattr(b.os, "cpu_count", lambda: 32)
+    identity = b.RunIdentity("m.onnx", "0" * 64, "1" * 64)
+    for cfg in (Config(device="cuda"), Config(device="cpu"), Config(device="cuda", read_threads=3)):
+        b._execute([object()], cfg, identity, b.BatchSummary(tmp_path, mode="dask-local"), lambda *a: None, 4, None)  # type: ignore[list-item]
+    assert [s.threads for s in seen] == [8, 8, 8]
+    assert [s.config.read_threads for s in seen] == [4, 4, 3]  # cuda: 8 - 4; cpu: min(4, 8); as configured

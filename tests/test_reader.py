@@ -13,7 +13,7 @@ from rasterio.enums import ColorInterp as CI
 
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
-from rs_detect.errors import InputError
+from rs_detect.errors import ConfigError, InputError
 from rs_detect.io.prefetch import RawBatch, SlabReader, window_batches
 from rs_detect.io.reader import RasterSource, ScaleConfig, percentiles, plan_bands
 from rs_detect.io.tiling import iter_tiles
@@ -337,6 +337,19 @@ def test_handles_for_reader_threads_are_opened_up_front_and_taken_on_first_read(
     assert len(src._handles) == 4  # reading the scene on those threads opened no other handle
     src.close()
     assert not src._handles
+
+
+def test_reader_threads_default_to_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rs_detect import config as config_module
+    from rs_detect.config import auto_read_threads
+
+    assert [auto_read_threads("cuda", n) for n in (2, 8, 16, 64)] == [2, 4, 12, 16]
+    assert [auto_read_threads("cpu", n) for n in (1, 2, 16)] == [1, 2, 4]
+    monkeypatch.setattr(config_module, "available_cores", lambda: 6)
+    assert ScenePipeline(FakeEngine(256), Config()).read_threads == 4  # the CPU: up to 4
+    assert ScenePipeline(FakeEngine(256), Config(read_threads=3)).read_threads == 3
+    with pytest.raises(ConfigError, match="read_threads"):
+        Config(read_threads=0)
 
 
 def test_heap_trimmer_trims_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
