@@ -38,7 +38,7 @@ from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
-from rs_detect.postprocess.stitch import above, merge, suppress_nested, to_scene
+from rs_detect.postprocess.stitch import above, merge, reaching, suppress_nested, to_scene
 from rs_detect.preprocess import Normalizer
 from rs_detect.types import Detections, RunStats, Tile
 
@@ -195,7 +195,7 @@ class ScenePipeline:
                 dets = fut.result()
                 parts.append(dets)
                 stats.tiles_read += n
-                stats.detections_raw += int((dets.scores >= self.params.conf[dets.class_ids]).sum()) if len(dets) else 0
+                stats.detections_raw += int(reaching(dets, self.params.conf).sum())
                 bar.update(n)
                 bar.set_postfix(detections=stats.detections_raw, refresh=False)
 

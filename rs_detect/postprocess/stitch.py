@@ -154,12 +154,16 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
     return out
 
 
+def reaching(dets: Detections, conf: torch.Tensor) -> torch.Tensor:
+    """[N] bool: whose score reaches its class's threshold (``conf``: [nc])."""
+    return dets.scores >= conf.to(dets.scores.device)[dets.class_ids]
+
+
 def above(dets: Detections, conf: torch.Tensor) -> Detections:
     """The detections whose score reaches their class's threshold (``conf``: [nc])."""
     if len(dets) == 0:
         return dets
-    keep = dets.scores >= conf.to(dets.scores.device)[dets.class_ids]
-    return dets.select(keep.nonzero(as_tuple=True)[0])
+    return dets.select(reaching(dets, conf).nonzero(as_tuple=True)[0])
 
 
 def suppress_nested(dets: Detections, class_ids: Sequence[int] | set[int], ios: float = 0.7,
