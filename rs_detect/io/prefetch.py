@@ -281,7 +281,6 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
     bands = reader.bands
     pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor | None, list[Future[tuple[bool, bool]]]]] = deque()
     lookahead = 0  # slabs started so far: [0, lookahead)
-    own = cutters is None
     cut_pool = ThreadPoolExecutor(cutter_threads(threads), thread_name_prefix="rs-cut") if cutters is None else cutters
 
     def start(group: list[Tile]) -> None:
@@ -344,7 +343,7 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         for *_, futs in pending:
             for f in futs:
                 f.cancel()
-        if own:
+        if cutters is None:  # its own pool
             cut_pool.shutdown(wait=True, cancel_futures=True)
         else:  # a shared pool: wait for this scene's running cuts only (they hold its slabs)
             wait([f for *_, futs in pending for f in futs])
