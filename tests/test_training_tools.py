@@ -103,3 +103,59 @@ def test_train_script_hard_chips_go_to_training_only(tmp_path: Path) -> None:
         png = np.asarray(Image.open(tmp_path / "detect" / "images" / split / f"{split}_00000.png"))
         assert np.array_equal(png, np.rint(img * 255).astype(np.uint8))
         assert np.array_equal(png, np.rint(plain * 255).astype(np.uint8)) == (split == "val")
+
+
+def _ship(cx: float, cy: float, length: float = 40.0, beam: float = 10.0) -> object:
+    from rs_detect.synthetic import TruthObject
+
+    return TruthObject("ship", 1, cx, cy, length, beam, 0.0)
+
+
+def test_scene_window_labels_keep_whole_objects_and_label_cut_ones_by_their_visible_part() -> None:
+    whole, cut, sliver, outside = _ship(500, 500), _ship(1014, 300), _ship(1040, 700), _ship(1200, 200)
+    labels = tsm.window_labels([whole, cut, sliver, outside], 0, 0, 1024, 1024)
+    assert [o for o, _, _ in labels] == [whole, cut]  # 75 % of 'cut' inside; 25 % of 'sliver'; none of 'outside'
+    assert np.allclose(labels[0][1], whole.corners) and labels[0][2] == whole.bbox
+    corners, box = labels[1][1], labels[1][2]
+    assert box == pytest.approx((994.0, 295.0, 1024.0, 305.0))  # the visible 30 of its 40 px
+    assert corners[:, 0].max() == pytest.approx(1024.0) and corners[:, 0].min() == pytest.approx(994.0)
+    # in a window further right the same objects are cut the other way, in window pixels
+    (obj, _, box), = [lab for lab in tsm.window_labels([cut, sliver], 1000, 0, 1024, 1024) if lab[0] is sliver]
+    assert box == pytest.approx((20.0, 695.0, 60.0, 705.0))
+    assert tsm.box_label(1, box, 1024) == "1 0.039062 0.683594 0.039062 0.009766"  # cy 700 / 1024
+
+
+@pytest.mark.slow
+def test_train_script_scene_chips_are_the_pipelines_windows_scaled_as_the_pipeline_scales(tmp_path: Path) -> None:
+    """--scenes: every tiler window of each training scene, scaled as rs-detect scales that scene."""
+    from PIL import Image
+
+    from rs_detect.io.reader import percentiles
+    from rs_detect.io.tiling import iter_tiles
+    from rs_detect.synthetic import plan_scene, quantize, render_window
+
+    args = tsm.parse_args(["--out", str(tmp_path), "--scenes", "2", "--seed", "3"])
+    jobs = tsm.scene_jobs(tmp_path, args)
+    assert [(j[1], j[3]) for j in jobs] == [(0, "uint8"), (1, "uint16")]
+    assert all(j[2] >= tsm.SCENE_SEED_BASE for j in jobs) and len({j[2] for j in jobs}) == 2
+    for task in tsm.TASKS:
+        for kind in ("images", "labels"):
+            (tmp_path / task / kind / "train").mkdir(parents=True)
+    root, k, seed, dtype, w, h = jobs[1]
+    counts = tsm.render_scene((root, k, seed, dtype, 1200, 1100))  # a small scene: four windows
+    plan = plan_scene(1200, 1100, seed, tile=1024, overlap=192)
+    tiles = list(iter_tiles(1200, 1100, 1024, 192))
+    stored = [quantize(render_window(plan, t.row_off, t.col_off, 1024, 1024), "uint16") for t in tiles]
+    low, high = percentiles(np.concatenate([a.ravel() for a in stored]), (2.0, 98.0))
+    assert counts["chips"] == len(tiles) == 4
+    total = 0
+    for t, raw in zip(tiles, stored, strict=True):
+        png = np.asarray(Image.open(tmp_path / "detect" / "images" / "train" / f"scene0001_{t.index:03d}.png"))
+        want = np.rint(np.clip((raw.astype(np.float32) - np.float32(low)) / np.float32(high - low), 0, 1) * 255)
+        assert np.abs(png.astype(np.int16) - want.astype(np.int16)).max() <= 1  # float rounding at .5 only
+        lines = (tmp_path / "detect" / "labels" / "train" / f"scene0001_{t.index:03d}.txt").read_text().splitlines()
+        labels = tsm.window_labels(plan.objects, t.col_off, t.row_off, 1024, 1024)
+        assert lines == [tsm.box_label(o.class_id, b, 1024) for o, _, b in labels]
+        assert len((tmp_path / "obb" / "labels" / "train" / f"scene0001_{t.index:03d}.txt").read_text().splitlines()) == len(labels)
+        total += len(labels)
+    assert total == counts["plane"] + counts["ship"] > 0

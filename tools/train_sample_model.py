@@ -9,8 +9,14 @@ each best checkpoint to ONNX (dynamic batch, opset 17, simplified) and checks th
 ONNX Runtime: input [batch, 1, imgsz, imgsz], output [batch, 4 + 15 (+1 for OBB), anchors], the same
 per-image outputs at batch 1 and 4, and the metadata rs-detect reads (names, imgsz, task, stride).
 
+With ``--scenes N`` the training set also holds every tiler window of N whole synthetic scenes
+(6000 x 5000, as the evaluation scenes): windows cut exactly as ``rs-detect`` cuts a scene (1024 px,
+192 px overlap), objects cut by a window edge labelled by their visible part, and each scene scaled as
+the pipeline scales it (uint8 /255; uint16 by its own 2-98 % stretch). Chips alone hold whole objects
+only, densely packed; scenes are what the model meets.
+
 Needs numpy, pillow, pyyaml, torch, ultralytics, onnx, onnxruntime (and onnxslim for ``simplify``);
-not rasterio or geopandas. Everything it writes goes under ``--out``:
+``--scenes`` also needs shapely and rasterio (rs-detect's tiler). Everything it writes goes under ``--out``:
 
     data/{detect,obb}/{images,labels}/{train,val}/   chips and labels (the OBB images are hard links)
     data/{detect,obb}.yaml                           Ultralytics data files (channels: 1)
@@ -46,7 +52,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rs_detect import DOTA_CLASSES  # noqa: E402
-from rs_detect.synthetic import TruthObject, render_chip  # noqa: E402
+from rs_detect.synthetic import TruthObject, plan_scene, quantize, render_chip, render_window  # noqa: E402
 
 TASKS = ("detect", "obb")
 MODEL_YAML = {"detect": "yolov8n.yaml", "obb": "yolov8n-obb.yaml"}
@@ -54,6 +60,12 @@ ONNX_NAME = {"detect": "planeship_yolov8n_hbb.onnx", "obb": "planeship_yolov8n_o
 SPLITS = {"train": 0, "val": 1}
 STRIDES = (8, 16, 32)
 BATCH_TOLERANCE = 1e-3
+SCENE_SIZE = (6000, 5000)  # training scenes: the size of tests/test_sample_model.py's evaluation scenes
+SCENE_SEED_BASE = 1_000_000  # training scenes' seeds are SCENE_SEED_BASE * (seed + 1) + k; every
+# evaluation, validation and test scene of this repository has a seed below it
+TILE, OVERLAP = 1024, 192  # rs-detect's default windows (config.Config)
+MIN_VISIBLE = 0.5  # a cut object is labelled (by its visible part) when at least this share is in the window
+STRETCH = (2.0, 98.0)  # rs-detect's default percentile stretch for non-uint8 scenes (io.reader.ScaleConfig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of training chips rendered as hard chips (render_chip's hard: mostly water, many dim, "
                         "thin, large and wake-trailing ships, round plane-grey blobs beside planes); validation chips "
                         "are never hard, so val mAP stays comparable; 0.0 = the chips of earlier runs")
+    p.add_argument("--scenes", type=int, default=0, metavar="N",
+                   help="also train on every tiler window of N synthetic 6000 x 5000 scenes (uint8 and uint16 in turn; "
+                        "seeds disjoint from every evaluation scene); 0 = chips only, as earlier runs")
     p.add_argument("--device", default="0", help="CUDA device index or 'cpu'")
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
@@ -99,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--imgsz must be a multiple of 32, at least 64")
     if min(args.train, args.epochs, args.batch, args.chip_size) < 1:
         p.error("--train, --epochs, --batch and --chip-size must be positive")
+    if args.scenes < 0:
+        p.error("--scenes must be >= 0")
     if not 0.0 <= args.hard <= 1.0:
         p.error("--hard must be a fraction between 0 and 1")
     if args.val < 4:
@@ -111,16 +128,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------
 
 
+def box_label(class_id: int, box: tuple[float, float, float, float] | np.ndarray, size: int) -> str:
+    """``cls cx cy w h`` normalised, from a pixel box (x1, y1, x2, y2) clipped to the chip."""
+    x1, y1, x2, y2 = np.clip(box, 0, size) / size
+    return f"{class_id} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}"
+
+
+def corners_label(class_id: int, corners: np.ndarray, size: int) -> str:
+    """``cls x1 y1 x2 y2 x3 y3 x4 y4`` normalised, from [4, 2] pixel corners (clipped to the chip)."""
+    return f"{class_id} " + " ".join(f"{v:.6f}" for v in np.clip(corners / size, 0.0, 1.0).ravel())
+
+
 def detect_label(obj: TruthObject, size: int) -> str:
     """``cls cx cy w h`` normalised: the axis-aligned box of the rotated rectangle (DOTA's HBB)."""
-    x1, y1, x2, y2 = np.clip(obj.bbox, 0, size) / size
-    return f"{obj.class_id} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}"
+    return box_label(obj.class_id, obj.bbox, size)
 
 
 def obb_label(obj: TruthObject, size: int) -> str:
     """``cls x1 y1 x2 y2 x3 y3 x4 y4`` normalised corners of the rotated rectangle."""
-    corners = np.clip(obj.corners / size, 0.0, 1.0).ravel()
-    return f"{obj.class_id} " + " ".join(f"{v:.6f}" for v in corners)
+    return corners_label(obj.class_id, obj.corners, size)
+
+
+def window_labels(objects: list[TruthObject] | tuple[TruthObject, ...], col0: int, row0: int, width: int, height: int,
+                  min_visible: float = MIN_VISIBLE) -> list[tuple[TruthObject, np.ndarray, tuple[float, float, float, float]]]:
+    """The objects a scene window shows, in window pixels: (object, [4, 2] corners, axis-aligned box).
+
+    A whole object keeps its rotated rectangle. One the window cuts is labelled by what is visible, as a
+    detector sees it (the pipeline then recognises such boxes at tile edges and stitches them): the
+    minimum rotated rectangle and the bounds of its visible part, when at least ``min_visible`` of its
+    area is inside; a smaller sliver gets no label.
+    """
+    import shapely
+
+    frame = shapely.box(0, 0, width, height)
+    out = []
+    for obj in objects:
+        corners = obj.corners - np.array([col0, row0], dtype=np.float64)
+        poly = shapely.Polygon(corners)
+        if not poly.intersects(frame):
+            continue
+        if shapely.contains(frame, poly):
+            box = (float(corners[:, 0].min()), float(corners[:, 1].min()), float(corners[:, 0].max()), float(corners[:, 1].max()))
+            out.append((obj, corners, box))
+            continue
+        visible = shapely.intersection(poly, frame)
+        if visible.area < min_visible * poly.area:
+            continue
+        rect = shapely.minimum_rotated_rectangle(visible)
+        out.append((obj, np.asarray(rect.exterior.coords, dtype=np.float64)[:4], tuple(float(v) for v in visible.bounds)))
+    return out
 
 
 def hard_share(split: str, args: argparse.Namespace) -> float:
@@ -150,6 +206,51 @@ def render_one(job: tuple[Path, str, int, int, int, float, float]) -> dict[str, 
     return {c: sum(o.class_name == c for o in objects) for c in ("plane", "ship")}
 
 
+def scene_jobs(root: Path, args: argparse.Namespace) -> list[tuple[Path, int, int, str, int, int]]:
+    """One :func:`render_scene` job per training scene: (root, k, seed, dtype, width, height)."""
+    w, h = SCENE_SIZE
+    return [(root, k, SCENE_SEED_BASE * (args.seed + 1) + k, ("uint8", "uint16")[k % 2], w, h) for k in range(args.scenes)]
+
+
+def render_scene(job: tuple[Path, int, int, str, int, int]) -> dict[str, int]:
+    """Every tiler window of training scene ``k`` as a chip of the training split, with its labels.
+
+    The scene is planned as ``rs-detect synth --seed SEED`` plans it, each window rendered and stored
+    in the scene's dtype, then scaled as the pipeline scales that scene: uint8 by /255, uint16 by the
+    2-98 % stretch of all its windows (the pipeline estimates the same stretch from sample windows).
+    """
+    from rs_detect.io.reader import percentiles
+    from rs_detect.io.tiling import iter_tiles
+
+    root, k, seed, dtype, width, height = job
+    plan = plan_scene(width, height, seed, tile=TILE, overlap=OVERLAP)
+    tiles = list(iter_tiles(width, height, TILE, OVERLAP))
+    stored = [quantize(render_window(plan, t.row_off, t.col_off, t.height, t.width), dtype) for t in tiles]
+    if dtype == "uint8":
+        low, gain = 0.0, 1.0 / 255.0
+    else:
+        low, high = percentiles(np.concatenate([a.ravel() for a in stored]), STRETCH)
+        gain = 1.0 / max(float(high - low), 1.0)
+    counts = {"chips": 0, "plane": 0, "ship": 0, "cut": 0}
+    for tile, raw in zip(tiles, stored, strict=True):
+        scaled = np.clip((raw.astype(np.float32) - np.float32(low)) * np.float32(gain), 0.0, 1.0)
+        name = f"scene{k:04d}_{tile.index:03d}"
+        png = root / "detect" / "images" / "train" / f"{name}.png"
+        Image.fromarray(np.rint(scaled * 255).astype(np.uint8), mode="L").save(png, compress_level=1)
+        _link(png, root / "obb" / "images" / "train" / png.name)
+        labels = window_labels(plan.objects, tile.col_off, tile.row_off, tile.width, tile.height)
+        size = tile.width
+        assert tile.width == tile.height == TILE, "training scenes are at least one window wide and high"
+        for task, lines in (("detect", [box_label(o.class_id, box, size) for o, _, box in labels]),
+                            ("obb", [corners_label(o.class_id, c, size) for o, c, _ in labels])):
+            (root / task / "labels" / "train" / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines))
+        counts["chips"] += 1
+        for obj, corners, _ in labels:
+            counts[obj.class_name] += 1
+            counts["cut"] += not np.allclose(corners, obj.corners - np.array([tile.col_off, tile.row_off]))
+    return counts
+
+
 def _link(src: Path, dst: Path) -> None:
     """Share one PNG between the two datasets (Ultralytics finds labels from the image path)."""
     try:
@@ -177,6 +278,15 @@ def render_dataset(root: Path, args: argparse.Namespace) -> dict[str, dict[str, 
         with ProcessPoolExecutor(max_workers=max(1, args.render_workers)) as pool:
             per_chip = list(pool.map(render_one, jobs, chunksize=4))
         counts[split] = {"chips": len(jobs), "hard": hard_share(split, args), **{c: sum(k[c] for k in per_chip) for c in ("plane", "ship")}}
+    if args.scenes:
+        jobs = scene_jobs(root, args)
+        with ProcessPoolExecutor(max_workers=max(1, min(args.render_workers, len(jobs)))) as pool:
+            per_scene = list(pool.map(render_scene, jobs))
+        scenes = {key: sum(c[key] for c in per_scene) for key in ("chips", "plane", "ship", "cut")}
+        counts["train"]["scenes"] = {"scenes": len(jobs), "seeds": [j[2] for j in jobs], "size": list(SCENE_SIZE), **scenes}
+        counts["train"]["chips"] += scenes["chips"]
+        for c in ("plane", "ship"):
+            counts["train"][c] += scenes[c]
     return counts
 
 
