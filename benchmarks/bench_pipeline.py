@@ -170,6 +170,12 @@ class GpuSampler:
 # -- one measurement (in a fresh process) --------------------------------------------------------------
 
 
+def _trim_every() -> float:
+    import rs_detect.memory
+
+    return rs_detect.memory.TRIM_EVERY_S
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import rasterio
 
@@ -177,6 +183,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from rs_detect.pipeline import ScenePipeline
 
     scene = Path(args.scene)
+    if args.trim_interval:  # an experiment: how often the pipeline hands freed heap pages back (rs_detect.memory)
+        import rs_detect.memory
+
+        rs_detect.memory.TRIM_EVERY_S = args.trim_interval
     if args.switch_interval:  # an experiment: how long a thread waiting for the GIL may wait (default 5 ms)
         sys.setswitchinterval(args.switch_interval)
     if args.jit_profiling:  # TorchScriptEngine turns the profiling executor off; this measures it on again
@@ -210,7 +220,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     e2e = tiles / seconds
     return {
         "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
-        "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "tiles": tiles, "seconds": round(seconds, 3),
+        "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": _trim_every(), "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
@@ -228,7 +238,8 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
                "--batch", str(args.batch), "--threads", str(args.threads), "--prefetch", str(args.prefetch),
                "--engine-iters", str(args.engine_iters)] + (["--seed-style"] if seed else []) + (["--warmup"] if args.warmup else []) \
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
-            + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else [])
+            + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
+            + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -305,6 +316,7 @@ def main() -> None:
         p.add_argument("--warmup", action="store_true")
         p.add_argument("--jit-profiling", action="store_true", help="TorchScript's profiling executor back on (off by default)")
         p.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval for the run (0: Python's 5 ms)")
+        p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
