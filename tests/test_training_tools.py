@@ -159,3 +159,22 @@ def test_train_script_scene_chips_are_the_pipelines_windows_scaled_as_the_pipeli
         assert len((tmp_path / "obb" / "labels" / "train" / f"scene0001_{t.index:03d}.txt").read_text().splitlines()) == len(labels)
         total += len(labels)
     assert total == counts["plane"] + counts["ship"] > 0
+
+
+def test_train_script_reads_results_csv_as_ultralytics_does_without_polars(tmp_path: Path, monkeypatch) -> None:
+    """Where polars is missing, the trainer's results.csv reader is replaced by one with the same output."""
+    import polars as pl
+    from ultralytics.engine.trainer import BaseTrainer
+
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("epoch,time,train/box_loss,metrics/mAP50(B)\n1,10.5,1.25,0.5\n2,21,1.125,0.75\n")
+    want = pl.read_csv(csv_path.read_bytes(), infer_schema_length=None).to_dict(as_series=False)
+    assert tsm.read_results_csv(csv_path) == want
+    assert tsm.read_results_csv(tmp_path / "missing.csv") == {}
+    assert tsm.without_polars() is False  # polars here: Ultralytics' own reader stays
+    monkeypatch.setitem(sys.modules, "polars", None)  # import polars now raises ImportError
+    monkeypatch.setattr(BaseTrainer, "read_results_csv", BaseTrainer.read_results_csv)  # undone after the test
+    assert tsm.without_polars() is True
+    trainer = BaseTrainer.__new__(BaseTrainer)
+    trainer.csv = csv_path
+    assert trainer.read_results_csv() == want

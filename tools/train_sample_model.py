@@ -15,7 +15,8 @@ With ``--scenes N`` the training set also holds every tiler window of N whole sy
 the pipeline scales it (uint8 /255; uint16 by its own 2-98 % stretch). Chips alone hold whole objects
 only, densely packed; scenes are what the model meets.
 
-Needs numpy, pillow, pyyaml, torch, ultralytics, onnx, onnxruntime (and onnxslim for ``simplify``);
+Needs numpy, pillow, pyyaml, torch, ultralytics, onnx, onnxruntime (and onnxslim for ``simplify``),
+not polars (see :func:`without_polars`);
 ``--scenes`` also needs shapely and rasterio (rs-detect's tiler). Everything it writes goes under ``--out``:
 
     data/{detect,obb}/{images,labels}/{train,val}/   chips and labels (the OBB images are hard links)
@@ -302,9 +303,47 @@ def amp_setting(args: argparse.Namespace) -> str | bool:
     return "bf16"
 
 
+def read_results_csv(csv_path: Path) -> dict[str, list[Any]]:
+    """results.csv as {column: values}, numbers as floats: what Ultralytics' trainer reads it into."""
+    import csv
+
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+
+    def value(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    return {k.strip(): [value(r[k].strip()) for r in rows] for k in (rows[0] if rows else {})}
+
+
+def without_polars() -> bool:
+    """Let training run where polars is not installed; True when the fallback was put in.
+
+    Ultralytics' trainer imports polars only to copy results.csv into each checkpoint it saves
+    (``BaseTrainer.read_results_csv``); polars is a 55 MB wheel that the GPU machine has to be sent.
+    Without it, the same table is read with the csv module instead.
+    """
+    try:
+        import polars  # noqa: F401
+
+        return False
+    except ImportError:
+        from ultralytics.engine.trainer import BaseTrainer
+
+        BaseTrainer.read_results_csv = lambda self: read_results_csv(Path(self.csv))
+        return True
+
+
 def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
     from ultralytics import YOLO
 
+    without_polars()
     init = getattr(args, f"init_{task}")
     # from scratch: the architecture from its YAML, random weights, nothing downloaded; or a checkpoint
     # of an earlier run of this script (its weights; epochs and optimiser start afresh)
