@@ -44,6 +44,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def memory_breakdown() -> dict[str, float | int | None]:
+    """What the resident size is made of now (anonymous vs file-backed pages, Linux) and the pinned
+    host allocator's blocks (torch's caching host allocator: what batches in flight keep resident)."""
+    out: dict[str, float | int | None] = {"rss_anon_mb": None, "rss_file_mb": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                out[f"rss_{key[3:].lower()}_mb"] = round(int(value.split()[0]) / 1024.0, 1)
+    except OSError:
+        pass
+    stats = torch.cuda.host_memory_stats() if torch.cuda.is_available() else {}
+    out["pinned_mb"] = round(stats["allocated_bytes.current"] / 2**20, 1) if "allocated_bytes.current" in stats else None
+    out["pinned_peak_mb"] = round(stats["allocated_bytes.peak"] / 2**20, 1) if "allocated_bytes.peak" in stats else None
+    out["pinned_blocks"] = stats.get("allocations.current")
+    return out
+
+
 # -- scenes -------------------------------------------------------------------------------------------
 
 
@@ -225,7 +243,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
-        "gpu_util": gpu.mean, "detections": len(result.detections),
+        "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
     }
 
