@@ -238,7 +238,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     e2e = tiles / seconds
     return {
         "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
-        "batch": pipe.batch_size, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": _trim_every(), "tiles": tiles, "seconds": round(seconds, 3),
+        "batch": pipe.batch_size, "prefetch": pipe.prefetch, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": _trim_every(), "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
@@ -253,7 +253,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
     jobs = [(s, False) for s in args.scenes] + ([(args.seed_baseline, True)] if args.seed_baseline else [])
     for scene, seed in jobs:
         cmd = [sys.executable, __file__, "one", "--scene", scene, "--model", args.model, "--device", args.device,
-               "--batch", str(args.batch), "--threads", str(args.threads), "--prefetch", str(args.prefetch),
+               "--batch", str(args.batch), "--threads", str(args.threads), *(["--prefetch", str(args.prefetch)] if args.prefetch else []),
                "--engine-iters", str(args.engine_iters)] + (["--seed-style"] if seed else []) + (["--warmup"] if args.warmup else []) \
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
@@ -329,7 +329,7 @@ def main() -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 2) - 2))
-        p.add_argument("--prefetch", type=int, default=3)
+        p.add_argument("--prefetch", type=int, default=None, help="batches read ahead (default: the pipeline's, 3 on a GPU, 2 on the CPU)")
         p.add_argument("--engine-iters", type=int, default=30)
         p.add_argument("--warmup", action="store_true")
         p.add_argument("--jit-profiling", action="store_true", help="TorchScript's profiling executor back on (off by default)")

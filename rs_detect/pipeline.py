@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from rs_detect import __version__
-from rs_detect.config import Config, auto_read_threads
+from rs_detect.config import Config, auto_prefetch, auto_read_threads
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
@@ -101,6 +101,7 @@ class ScenePipeline:
             self.batch_size = self.meta.max_batch
         #: reader threads: the configured number, else all cores but four on a GPU, up to 4 on the CPU
         self.read_threads = config.read_threads or auto_read_threads(engine.device.type)
+        self.prefetch = config.prefetch or auto_prefetch(engine.device.type)
         self._side_stream: torch.cuda.Stream | None = None
         engine.warmup(self.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
         if model_sha256 is None and model_path and model_path.is_file():
@@ -122,7 +123,7 @@ class ScenePipeline:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
         pin = self.engine.device.type == "cuda"
-        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, cfg.prefetch, self.read_threads, cutters)
+        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, self.prefetch, self.read_threads, cutters)
         # window_batches already keeps ``prefetch`` batches being cut; the hand-over queue needs one
         # more (each batch a queue holds is pinned, resident memory: 32 MB at 16 x 1024 x 1024 uint16)
         return in_background(batches, 1, name="rs-batches")
@@ -221,7 +222,7 @@ class ScenePipeline:
                     stats.add_time("infer", time.perf_counter() - t0)
                     # decode + NMS of this batch overlap the next batch's inference
                     pending.append((post.submit(self._postprocess, raw, item.tiles, stats, ready), item.size))
-                    while len(pending) > cfg.prefetch:
+                    while len(pending) > self.prefetch:
                         collect()
                     trim()
                     t_wait = time.perf_counter()
