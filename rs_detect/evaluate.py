@@ -61,6 +61,21 @@ def _geoms(gdf: gpd.GeoDataFrame, mode: Literal["box", "polygon"], crs: object) 
     return np.asarray(gdf.geometry.values)
 
 
+def duplicate_pairs(pred: gpd.GeoDataFrame, ios: float = 0.5) -> int:
+    """Pairs of same-class detections of which one lies more than ``ios`` inside the other (pixel boxes):
+    an object reported twice, e.g. once whole and once as a piece cut by a tile edge."""
+    if len(pred) < 2:
+        return 0
+    b = pred[PX].to_numpy()
+    boxes = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
+    i, j = shapely.STRtree(boxes).query(boxes, predicate="intersects")
+    names = pred["class_name"].to_numpy()
+    sel = (i < j) & (names[i] == names[j])
+    i, j = i[sel], j[sel]
+    inter = shapely.area(shapely.intersection(boxes[i], boxes[j]))
+    return int((inter / np.minimum(shapely.area(boxes[i]), shapely.area(boxes[j])) > ios).sum())
+
+
 def average_precision(tp: np.ndarray, n_truth: int) -> float:
     """All-point interpolated AP (VOC 2010+) of detections already sorted by descending score."""
     if n_truth == 0:

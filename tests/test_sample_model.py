@@ -18,12 +18,12 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
-import shapely
 from click.testing import CliRunner
 
 from rs_detect.cli import cli
 from rs_detect.config import REPO_ROOT
 from rs_detect.evaluate import average_precision, evaluate
+from rs_detect.evaluate import duplicate_pairs as duplicates
 from rs_detect.synthetic import write_scene
 
 MODELS = {"hbb": REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx", "obb": REPO_ROOT / "sample_data" / "planeship_yolov8n_obb.onnx"}
@@ -34,18 +34,6 @@ def run(*args: object) -> object:
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     return res
-
-
-def duplicates(pred: gpd.GeoDataFrame) -> int:
-    """Pairs of same-class detections of which one mostly lies inside the other."""
-    b = pred[["px_x1", "px_y1", "px_x2", "px_y2"]].to_numpy()
-    boxes = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    i, j = shapely.STRtree(boxes).query(boxes, predicate="intersects")
-    sel = (i < j) & (pred["class_name"].to_numpy()[i] == pred["class_name"].to_numpy()[j])
-    i, j = i[sel], j[sel]
-    inter = shapely.area(shapely.intersection(boxes[i], boxes[j]))
-    ios = inter / np.minimum(shapely.area(boxes[i]), shapely.area(boxes[j]))
-    return int((ios > 0.5).sum())
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +105,7 @@ def test_eval_scores_and_duplicates(tmp_path: Path) -> None:
     dup = pred.iloc[[0]].copy()
     dup["score"] = 0.3
     pred = gpd.GeoDataFrame(pd_concat([pred, dup]), crs=gt.crs)
+    assert duplicates(pred) == 1 and duplicates(pred.iloc[:-1]) == 0  # the copy pairs with its original only
     pred.to_file(tmp_path / "p.geojson")
     res = run("eval", tmp_path / "p.geojson", tmp_path / "t.geojson", "--json", tmp_path / "e.json")
     doc = json.loads((tmp_path / "e.json").read_text())

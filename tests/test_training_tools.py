@@ -178,3 +178,43 @@ def test_train_script_reads_results_csv_as_ultralytics_does_without_polars(tmp_p
     trainer = BaseTrainer.__new__(BaseTrainer)
     trainer.csv = csv_path
     assert trainer.read_results_csv() == want
+
+
+spec_choose = importlib.util.spec_from_file_location("choose_sample_model", REPO_ROOT / "tools" / "choose_sample_model.py")
+csm = importlib.util.module_from_spec(spec_choose)
+sys.modules["choose_sample_model"] = csm
+spec_choose.loader.exec_module(csm)  # type: ignore[union-attr]
+
+
+def _rows(candidate: str, cls: str, counts: dict[float, tuple[int, int, int]], seed: int = 1) -> list[dict]:
+    """Sweep rows of one scene: conf -> (tp, fp, fn); thresholds not given score nothing (all missed)."""
+    return [{"candidate": candidate, "task": "hbb", "seed": seed, "dtype": "uint8", "conf": c, "class_name": cls,
+             "tp": counts.get(c, (0, 0, 40))[0], "fp": counts.get(c, (0, 0, 40))[1], "fn": counts.get(c, (0, 0, 40))[2],
+             "edge_truth": 10, "edge_tp": 10, "duplicates": 0} for c in csm.SWEEP]
+
+
+def test_choose_picks_per_class_the_threshold_of_best_min_precision_recall_and_the_best_mean() -> None:
+    rows = (_rows("a", "plane", {0.3: (40, 10, 0), 0.4: (39, 1, 1), 0.5: (39, 1, 1), 0.6: (30, 0, 10)})  # 0.4 and 0.5 tie: the lower
+            + _rows("a", "ship", {0.5: (38, 2, 2)})
+            + _rows("b", "plane", {0.6: (40, 0, 0)}) + _rows("b", "ship", {0.3: (36, 0, 4)})
+            + _rows("b", "plane", {0.6: (10, 10, 10)}, seed=2))  # a scene 'a' was not scored on: left out
+    winner, picks = csm.choose(rows, "hbb")
+    assert picks["a"]["plane"]["conf"] == 0.4 and picks["a"]["ship"]["conf"] == 0.5
+    assert picks["a"]["plane"]["score"] == pytest.approx(39 / 40) and picks["a"]["ship"]["score"] == pytest.approx(0.95)
+    assert picks["b"]["plane"]["conf"] == 0.6 and picks["b"]["plane"]["scenes"] == 1  # seed 2 is not common to both
+    assert winner == "a"  # mean (0.975 + 0.95) / 2 against (1.0 + 0.9) / 2
+    with pytest.raises(SystemExit, match="test scene"):
+        csm.main(["sweep", "--task", "hbb", "--candidate", "x=m.onnx", "--seeds", "7", "2024", "--work", "/tmp/x", "--out", "/tmp/x.jsonl"])
+
+
+def test_the_recorded_selection_gives_the_shipped_models_and_thresholds() -> None:
+    """docs/sample_model_selection.jsonl.gz (the sweeps of the selection scenes) -> the YAMLs beside the models."""
+    import yaml
+
+    rows = csm.read_rows(REPO_ROOT / "docs" / "sample_model_selection.jsonl.gz")
+    assert not {r["seed"] for r in rows} & csm.TEST_SEEDS
+    for task, names in (("hbb", {"ft4", "ft5"}), ("obb", None)):
+        winner, picks = csm.choose([r for r in rows if names is None or r["candidate"] in names], task)
+        meta = yaml.safe_load((REPO_ROOT / "sample_data" / f"planeship_yolov8n_{task}.yaml").read_text())
+        assert {"plane": meta["conf_by_class"]["plane"], "ship": meta["conf"]} == {c: picks[winner][c]["conf"] for c in ("plane", "ship")}
+        assert winner == {"hbb": "ft5", "obb": "ft4"}[task]
