@@ -236,12 +236,23 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     tiles = result.stats.tiles_read + result.stats.tiles_skipped
     e2e = tiles / seconds
+    # --repeat: engine-only and end-to-end again, in turn, so that a drift of the machine's speed (a
+    # shared CPU) hits both figures of a pair alike; the medians are reported, each pair's ratio too
+    pairs = [(eng, e2e)]
+    for _ in range(args.repeat - 1):
+        e = engine_only(engine, pipe.batch_size, iters) if eng else 0.0
+        t0 = time.perf_counter()
+        pipe.run(scene)
+        pairs.append((e, tiles / (time.perf_counter() - t0)))
+    ratios = [round(b / a, 3) for a, b in pairs if a]
+    eng, e2e = float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
     return {
         "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
         "batch": pipe.batch_size, "prefetch": pipe.prefetch, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": _trim_every(), "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
-        "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1), "ratio": round(e2e / eng, 3) if eng else None,
+        "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1),
+        "ratio": float(np.median(ratios)) if ratios else None, "ratios": ratios, "repeat": len(pairs),
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
@@ -257,7 +268,8 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
                "--engine-iters", str(args.engine_iters)] + (["--seed-style"] if seed else []) + (["--warmup"] if args.warmup else []) \
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
-            + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else [])
+            + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
+            + ["--repeat", str(getattr(args, "repeat", 1))]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -272,7 +284,7 @@ def read_row(raw: dict[str, str]) -> dict[str, Any]:
     """A CSV row of ``run`` back as the row it was written from (numbers, stages as a dict)."""
     row: dict[str, Any] = {}
     for k, v in raw.items():
-        if k == "stages_s":
+        if k in ("stages_s", "ratios"):
             row[k] = json.loads(v)
         elif v in ("", "None"):
             row[k] = None
@@ -334,6 +346,7 @@ def main() -> None:
         p.add_argument("--warmup", action="store_true")
         p.add_argument("--jit-profiling", action="store_true", help="TorchScript's profiling executor back on (off by default)")
         p.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval for the run (0: Python's 5 ms)")
+        p.add_argument("--repeat", type=int, default=1, help="engine-only and end-to-end this many times in turn; medians reported")
         p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
