@@ -35,6 +35,14 @@ _TRIM = _malloc_trim()
 TRIM_EVERY_S = 0.25  # the default interval (benchmarks/bench_pipeline.py --trim-interval sets it for a run)
 
 
+def trim_heap() -> bool:
+    """Hand freed heap pages back to the OS now; False where there is no ``malloc_trim``."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
 class HeapTrimmer:
     """Call it often (e.g. once per batch); it trims at most once every ``every_s`` seconds."""
 

@@ -378,6 +378,20 @@ def test_heap_trimmer_trims_at_most_once_per_interval(monkeypatch: pytest.Monkey
     assert calls == [0, 0, 0] and eager.trims == 3
 
 
+def test_a_scene_run_trims_the_heap_once_its_threads_are_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the scenes of a batch run the freed slabs' pages go back to the OS: one trim after the pools end."""
+    import threading
+
+    from rs_detect import pipeline as pipeline_module
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(pipeline_module, "trim_heap", lambda: seen.append([t.name for t in threading.enumerate()]) or True)
+    scene = write_tif(tmp_path / "s.tif", np.random.default_rng(2).integers(0, 255, (600, 700)).astype(np.uint8))
+    ScenePipeline(FakeEngine(256), Config(read_threads=2)).run(scene)
+    assert len(seen) == 1
+    assert not [n for n in seen[0] if n.startswith(("rs-read", "rs-cut", "rs-post"))]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_upload_stream_gives_the_cpu_input(tmp_path: Path) -> None:
