@@ -218,3 +218,15 @@ def test_the_recorded_selection_gives_the_shipped_models_and_thresholds() -> Non
         meta = yaml.safe_load((REPO_ROOT / "sample_data" / f"planeship_yolov8n_{task}.yaml").read_text())
         assert {"plane": meta["conf_by_class"]["plane"], "ship": meta["conf"]} == {c: picks[winner][c]["conf"] for c in ("plane", "ship")}
         assert winner == {"hbb": "ft5", "obb": "ft4"}[task]
+
+
+def test_the_training_record_names_the_shipped_files_by_their_hashes() -> None:
+    """sample_data/planeship_training.json's 'shipped' map: each file's run, and the sha256 the file has."""
+    import json
+
+    doc = json.loads((REPO_ROOT / "sample_data" / "planeship_training.json").read_text())
+    for name, rec in doc["shipped"].items():
+        assert hashlib.sha256((REPO_ROOT / "sample_data" / name).read_bytes()).hexdigest() == rec["sha256"], name
+        run = doc["runs"][rec["run"]]
+        task_run = run.get(rec["task"], run)  # fine-tunes keep one report per task
+        assert task_run["tasks"][rec["task"]]["sha256"] == rec["sha256"]
