@@ -60,5 +60,5 @@ class HeapTrimmer:
         if _TRIM is None or now - self._last < self.every_s:
             return
         self._last = now
-        _TRIM(0)
+        trim_heap()
         self.trims += 1
