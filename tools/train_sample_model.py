@@ -64,9 +64,8 @@ BATCH_TOLERANCE = 1e-3
 SCENE_SIZE = (6000, 5000)  # training scenes: the size of tests/test_sample_model.py's evaluation scenes
 SCENE_SEED_BASE = 1_000_000  # training scenes' seeds are SCENE_SEED_BASE * (seed + 1) + k; every
 # evaluation, validation and test scene of this repository has a seed below it
-TILE, OVERLAP = 1024, 192  # rs-detect's default windows (config.Config)
+TILE = 1024  # the models' input size: rs-detect's windows (their overlap is config.Config's default)
 MIN_VISIBLE = 0.5  # a cut object is labelled (by its visible part) when at least this share is in the window
-STRETCH = (2.0, 98.0)  # rs-detect's default percentile stretch for non-uint8 scenes (io.reader.ScaleConfig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,18 +219,19 @@ def render_scene(job: tuple[Path, int, int, str, int, int]) -> dict[str, int]:
     in the scene's dtype, then scaled as the pipeline scales that scene: uint8 by /255, uint16 by the
     2-98 % stretch of all its windows (the pipeline estimates the same stretch from sample windows).
     """
-    from rs_detect.io.reader import percentiles
+    from rs_detect.config import Config
+    from rs_detect.io.reader import ScaleConfig, percentile_stretch
     from rs_detect.io.tiling import iter_tiles
 
     root, k, seed, dtype, width, height = job
-    plan = plan_scene(width, height, seed, tile=TILE, overlap=OVERLAP)
-    tiles = list(iter_tiles(width, height, TILE, OVERLAP))
+    plan = plan_scene(width, height, seed, tile=TILE, overlap=Config.overlap)
+    tiles = list(iter_tiles(width, height, TILE, Config.overlap))
     stored = [quantize(render_window(plan, t.row_off, t.col_off, t.height, t.width), dtype) for t in tiles]
     if dtype == "uint8":
         low, gain = 0.0, 1.0 / 255.0
-    else:
-        low, high = percentiles(np.concatenate([a.ravel() for a in stored]), STRETCH)
-        gain = 1.0 / max(float(high - low), 1.0)
+    else:  # the pipeline's own stretch (io.reader), from all the scene's windows
+        low, high = percentile_stretch(np.concatenate([a.ravel() for a in stored]), ScaleConfig().percentiles)
+        gain = 1.0 / (high - low)
     counts = {"chips": 0, "plane": 0, "ship": 0, "cut": 0}
     for tile, raw in zip(tiles, stored, strict=True):
         scaled = np.clip((raw.astype(np.float32) - np.float32(low)) * np.float32(gain), 0.0, 1.0)

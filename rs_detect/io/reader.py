@@ -151,6 +151,12 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...] | list[float]) -> np.n
     return out
 
 
+def percentile_stretch(sample: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) of a percentile stretch of ``sample``; a flat sample gets high = low + 1."""
+    lo, hi = (float(v) for v in percentiles(sample, qs))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
 class RasterSource:
     """An open scene: georeferencing, band plan, scene-wide scaling, and thread-safe windowed reads."""
 
@@ -316,10 +322,7 @@ class RasterSource:
     def _scale_from(self, sample: np.ndarray, cfg: ScaleConfig) -> ScaleInfo:
         if sample.size == 0:
             return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-        lo, hi = percentiles(sample, cfg.percentiles)
-        if not hi > lo:
-            hi = lo + 1.0
-        return ScaleInfo("percentile", float(lo), float(hi), cfg.percentiles)
+        return ScaleInfo("percentile", *percentile_stretch(sample, cfg.percentiles), cfg.percentiles)
 
     def _stats_sample(self) -> np.ndarray:
         """Valid combined-channel values from a decimated read: overviews if any, else sample windows."""
