@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rs_detect import memory as rs_memory  # noqa: E402
 from rs_detect.config import Config  # noqa: E402
 from rs_detect.engines import load_engine  # noqa: E402
 from rs_detect.engines.base import Engine  # noqa: E402
@@ -188,12 +189,6 @@ class GpuSampler:
 # -- one measurement (in a fresh process) --------------------------------------------------------------
 
 
-def _trim_every() -> float:
-    import rs_detect.memory
-
-    return rs_detect.memory.TRIM_EVERY_S
-
-
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import rasterio
 
@@ -202,9 +197,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     scene = Path(args.scene)
     if args.trim_interval:  # an experiment: how often the pipeline hands freed heap pages back (rs_detect.memory)
-        import rs_detect.memory
-
-        rs_detect.memory.TRIM_EVERY_S = args.trim_interval
+        rs_memory.TRIM_EVERY_S = args.trim_interval
     if args.switch_interval:  # an experiment: how long a thread waiting for the GIL may wait (default 5 ms)
         sys.setswitchinterval(args.switch_interval)
     if args.jit_profiling:  # TorchScriptEngine turns the profiling executor off; this measures it on again
@@ -248,7 +241,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     eng, e2e = float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
     return {
         "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
-        "batch": pipe.batch_size, "prefetch": pipe.prefetch, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": _trim_every(), "tiles": tiles, "seconds": round(seconds, 3),
+        "batch": pipe.batch_size, "prefetch": pipe.prefetch, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": rs_memory.TRIM_EVERY_S, "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1),
