@@ -230,3 +230,26 @@ def test_the_training_record_names_the_shipped_files_by_their_hashes() -> None:
         run = doc["runs"][rec["run"]]
         task_run = run.get(rec["task"], run)  # fine-tunes keep one report per task
         assert task_run["tasks"][rec["task"]]["sha256"] == rec["sha256"]
+
+
+def test_train_script_scale_augmentation_reaches_ultralytics(tmp_path: Path, monkeypatch) -> None:
+    """--scale: Ultralytics' zoom augmentation, default 0.5 (its own default, as earlier runs), in [0, 1)."""
+    import ultralytics
+
+    assert tsm.parse_args(["--out", str(tmp_path)]).scale == 0.5
+    for bad in ("-0.1", "1", "nan"):
+        with pytest.raises(SystemExit):
+            tsm.parse_args(["--out", str(tmp_path), "--scale", bad])
+    calls: list[dict] = []
+
+    class FakeYOLO:
+        def __init__(self, model: str) -> None:
+            self.trainer = type("T", (), {"best": str(tmp_path / "best.pt")})()
+
+        def train(self, **kwargs) -> None:
+            calls.append(kwargs)
+
+    monkeypatch.setattr(ultralytics, "YOLO", FakeYOLO)
+    args = tsm.parse_args(["--out", str(tmp_path), "--scale", "0.1", "--tasks", "obb"])
+    assert tsm.train("obb", tmp_path / "data.yaml", args) == tmp_path / "best.pt"
+    assert calls[0]["scale"] == 0.1 and calls[0]["flipud"] == 0.5

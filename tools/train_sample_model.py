@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=0, metavar="N",
                    help="also train on every tiler window of N synthetic 6000 x 5000 scenes (uint8 and uint16 in turn; "
                         "seeds disjoint from every evaluation scene); 0 = chips only, as earlier runs")
+    p.add_argument("--scale", type=float, default=0.5,
+                   help="Ultralytics' scale augmentation (random zoom of +/- this fraction); 0.5 = its default, the "
+                        "setting of earlier runs. Scenes come at one ground resolution, so a smaller zoom keeps thin "
+                        "ships near the few pixels wide they are at inference")
     p.add_argument("--device", default="0", help="CUDA device index or 'cpu'")
     p.add_argument("--workers", type=int, default=8, help="data-loader workers")
     p.add_argument("--render-workers", type=int, default=os.cpu_count() or 1, help="processes rendering chips")
@@ -116,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--train, --epochs, --batch and --chip-size must be positive")
     if args.scenes < 0:
         p.error("--scenes must be >= 0")
+    if not 0.0 <= args.scale < 1.0:
+        p.error("--scale must be a fraction in [0, 1)")
     if not 0.0 <= args.hard <= 1.0:
         p.error("--hard must be a fraction between 0 and 1")
     if args.val < 4:
@@ -365,6 +371,7 @@ def train(task: str, data_yaml: Path, args: argparse.Namespace) -> Path:
         plots=False,
         patience=args.epochs,  # train every epoch: reproducibility over early stopping
         flipud=0.5,  # overhead imagery has no 'up'
+        scale=args.scale,
         project=str((args.out / "runs").resolve()),
         name=task,
         exist_ok=True,
