@@ -123,7 +123,8 @@ class ScenePipeline:
         """Raw batches in scene order, assembled in a background thread ``prefetch`` batches ahead."""
         cfg = self.config
         pin = self.engine.device.type == "cuda"
-        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, self.prefetch, self.read_threads, cutters)
+        batches = window_batches(src, tiles, pool, self.batch_size, self.meta.imgsz, pin, self.prefetch, self.read_threads, cutters,
+                                 stride=self.tile_size - cfg.overlap)
         # window_batches already keeps ``prefetch`` batches being cut; the hand-over queue needs one
         # more (each batch a queue holds is pinned, resident memory: 32 MB at 16 x 1024 x 1024 uint16)
         return in_background(batches, 1, name="rs-batches")

@@ -14,7 +14,7 @@ from rasterio.enums import ColorInterp as CI
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import ConfigError, InputError
-from rs_detect.io.prefetch import RawBatch, SlabReader, window_batches
+from rs_detect.io.prefetch import RawBatch, SlabReader, reset_slab_peak, slab_memory, window_batches
 from rs_detect.io.reader import RasterSource, ScaleConfig, percentiles, plan_bands
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
@@ -111,6 +111,37 @@ def test_rgb_luminance_and_palette(tmp_path: Path) -> None:
 def _all_batches(src: RasterSource, tiles: list, size: int, batch: int = 3, threads: int = 3) -> list:
     with ThreadPoolExecutor(threads) as pool:
         return list(window_batches(src, tiles, pool, batch, size, pin=False, depth=2, threads=threads))
+
+
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "striped"])
+def test_slab_memory_is_bounded_by_the_width_never_the_height_and_freed(tmp_path: Path, tiled: bool) -> None:
+    """The reader holds a few rows of windows of the scene's width, whatever its height, and
+    unmaps every slab when the scene is done (memory must not grow from scene to scene)."""
+    width, size, overlap, batch, depth = 900, 256, 32, 3, 2
+    layout = {"tiled": True, "blockxsize": 128, "blockysize": 128} if tiled else {"tiled": False, "blockysize": 8}
+    peaks = []
+    for height in (1300, 8000):
+        img = np.random.default_rng(height).integers(1, 65535, (2, height, width), dtype=np.uint16)
+        path = write_tif(tmp_path / f"h{height}.tif", img, **layout)
+        src = RasterSource(path, channels=2)
+        tiles = list(iter_tiles(width, height, size, overlap))
+        slab_rows = SlabReader(src, None, 3).rows  # type: ignore[arg-type]  # the pool is not used to size
+        reset_slab_peak()
+        with ThreadPoolExecutor(3) as pool:
+            n = sum(b.size for b in window_batches(src, tiles, pool, batch, size, pin=False, depth=depth, threads=3,
+                                                    stride=size - overlap))
+        src.close()
+        assert n == len(tiles)
+        mem = slab_memory()
+        assert mem["live"] == 0  # every slab unmapped once the scene is done
+        peaks.append(mem["peak"])
+    # (depth + 1) batches of 3 tiles span at most 3 strides of rows of 4 windows; the next row's
+    # read-ahead adds a stride, the window a tile, and rounding to whole slabs a slab at each end (one more
+    # for slack): a bound that the tall scene's height does not enter, and under half of that scene
+    stride = size - overlap
+    bound = (4 * stride + size + 3 * slab_rows) * width * 2 * 2
+    assert 0 < peaks[0] <= bound and 0 < peaks[1] <= bound
+    assert bound < 8000 * width * 2 * 2 / 2
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,10 @@ dtype here; scaling runs later on the engine's device.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -73,6 +75,46 @@ MAX_SLAB_ROWS = 1024  # a block taller than this (one strip for a whole image) i
 PART_BYTES = 2 << 20  # striped files: decode jobs of whole strips, about this many bytes of pixels
 PARTS_PER_THREAD = 1  # tiled files: column parts of a slab's row of blocks per reader thread (2 made twice the
 # reads, each holding the GIL for its Python part: YOLOv8n on the H200 went from 0.64 to 0.68-0.72 of engine speed with 1)
+
+
+_slab_lock = threading.Lock()
+_slab_bytes = {"live": 0, "peak": 0}
+
+
+def slab_memory() -> dict[str, int]:
+    """Bytes of slab arrays alive now (``live``) and the most alive at once (``peak``, since
+    :func:`reset_slab_peak`): the reader's share of the resident size, for benchmarks and tests."""
+    with _slab_lock:
+        return dict(_slab_bytes)
+
+
+def reset_slab_peak() -> None:
+    with _slab_lock:
+        _slab_bytes["peak"] = _slab_bytes["live"]
+
+
+def _unmapped(nbytes: int) -> None:
+    with _slab_lock:
+        _slab_bytes["live"] -= nbytes
+
+
+def mapped_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array in an anonymous private mapping of its own, unmapped when the array is freed.
+
+    Why not ``np.empty``: slabs are 10-40 MB. glibc serves those with mmap at first, but each one it
+    frees raises its mmap threshold to that size (up to 32 MB), so from the first freed slab on, slabs
+    of up to 32 MB come from the heap arenas instead, where their freed pages stay resident and
+    fragment until a trim. A mapping of its own goes back to the OS the moment the slab is freed.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    nbytes = max(count * dtype.itemsize, 1)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with _slab_lock:
+        _slab_bytes["live"] += nbytes
+        _slab_bytes["peak"] = max(_slab_bytes["peak"], _slab_bytes["live"])
+    weakref.finalize(buf, _unmapped, nbytes)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 @dataclass
@@ -134,8 +176,8 @@ class SlabReader:
                 if data.shape[1] == rows:
                     del self._spare[k]
                     return data, valid
-        data = np.empty((self.bands, rows, self.src.width), dtype=self.src.dtype)
-        return data, (np.empty((rows, self.src.width), dtype=bool) if self.src.has_mask else None)
+        data = mapped_array((self.bands, rows, self.src.width), self.src.dtype)
+        return data, (mapped_array((rows, self.src.width), np.dtype(bool)) if self.src.has_mask else None)
 
     def _decode(self, slab: _Slab, x0: int, y0: int, w: int, h: int) -> None:
         dy = y0 - slab.y0
@@ -268,13 +310,15 @@ def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
 
 
 def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
-                   size: int, pin: bool, depth: int, threads: int, cutters: ThreadPoolExecutor | None = None) -> Iterator[RawBatch | RawTile]:
+                   size: int, pin: bool, depth: int, threads: int, cutters: ThreadPoolExecutor | None = None,
+                   stride: int | None = None) -> Iterator[RawBatch | RawTile]:
     """Batches of tiles in scene order, ``depth`` batches ahead, each block of the scene decoded once.
 
     ``pool`` (of ``threads`` threads) decodes slab parts; ``cutters``, a second pool (by default one of
     :func:`cutter_threads` threads, of its own), cuts windows into the batch slots (a cut waits for its
     slab parts, so the two must not share threads). At GPU speeds one thread copying tiles into
-    batches would itself be the bottleneck (gigabytes per second).
+    batches would itself be the bottleneck (gigabytes per second). ``stride``, the tiler's row step
+    (tile size less overlap; None: ``size``), bounds the read-ahead to the next row of windows.
     """
     reader = SlabReader(src, pool, threads)
     tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
@@ -285,10 +329,10 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
 
     def start(group: list[Tile]) -> None:
         nonlocal lookahead
-        # decode every slab this batch needs, then those of the next row of windows (one tile further
+        # decode every slab this batch needs, then those of the next row of windows (one stride further
         # down): queued in that order, so a batch never waits behind the read-ahead (the first one above all)
         need = reader.span(group[-1])[-1] + 1
-        ahead = (min(group[-1].row_off + 2 * size, src.height) - 1) // reader.rows + 1
+        ahead = (min(group[-1].row_off + (stride or size) + group[-1].height, src.height) - 1) // reader.rows + 1
         reader.request(range(lookahead, need))
         reader.request(range(max(lookahead, need), ahead))
         lookahead = max(lookahead, need, ahead)
