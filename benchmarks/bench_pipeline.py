@@ -152,6 +152,58 @@ def engine_only(engine: Engine, batch: int, iters: int) -> float:
     return batch * iters / (time.perf_counter() - t0)
 
 
+class RssTrace:
+    """Samples what the resident size is made of while a block runs (every ``every_s``): RSS, its
+    anonymous and file-backed parts (Linux), the pinned host allocator's bytes and the reader's slabs.
+
+    ``at_peak`` is the sample with the highest RSS: what was resident when the peak was set."""
+
+    def __init__(self, every_s: float = 0.01) -> None:
+        self.every_s = every_s
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+
+    @staticmethod
+    def sample() -> dict[str, float]:
+        from rs_detect.io.prefetch import slab_memory
+
+        out: dict[str, float] = {}
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key[3:].lower() if key.startswith("Rss") else "rss"] = round(int(value.split()[0]) / 1024.0, 1)
+        except OSError:
+            pass
+        if torch.cuda.is_available():
+            stats = torch.cuda.host_memory_stats()
+            for key, name in (("allocated_bytes.current", "pinned"), ("active_bytes.current", "pinned_active")):
+                if key in stats:
+                    out[name] = round(stats[key] / 2**20, 1)
+        out["slabs"] = round(slab_memory()["live"] / 2**20, 1)
+        return out
+
+    def __enter__(self) -> RssTrace:
+        self._t0 = time.perf_counter()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append({"t": round(time.perf_counter() - self._t0, 3), **self.sample()})
+            time.sleep(self.every_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def at_peak(self) -> dict[str, float] | None:
+        with_rss = [s for s in self.samples if "rss" in s]
+        return max(with_rss, key=lambda s: s["rss"]) if with_rss else None
+
+
 class GpuSampler:
     """Mean GPU utilisation while a block runs (NVML), or None where there is no GPU."""
 
@@ -192,6 +244,7 @@ class GpuSampler:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import rasterio
 
+    from rs_detect.io.prefetch import reset_slab_peak, slab_memory
     from rs_detect.io.tiling import tile_count
     from rs_detect.pipeline import ScenePipeline
 
@@ -204,29 +257,39 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         import rs_detect.engines.torch as ts
 
         ts.use_simple_executor = lambda: torch._C._jit_set_profiling_executor(True)
+    # the resident size (and its parts) after each step, with the peak so far: where the baseline comes from
+    marks = {"start": {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}}
     if args.model == "null":
         engine: Engine = NullEngine()
     elif args.seed_style:
         engine = SeedStyleEngine(Path(args.model), args.device)
     else:
         engine = load_engine(Path(args.model), device=args.device)
+    marks["engine"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
     cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25)
     t_setup = time.perf_counter()
     pipe = ScenePipeline(engine, cfg, None if args.model == "null" else Path(args.model))  # captures the CUDA graph
     setup_s = time.perf_counter() - t_setup
+    marks["pipeline"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
     # engine-only runs as many batches as the scene has (at least --engine-iters): the same sustained
     # load, so clocks and power settle the same way in both figures
     with rasterio.open(scene) as ds:
         batches = -(-tile_count(ds.width, ds.height, pipe.tile_size, cfg.overlap) // pipe.batch_size)
     iters = max(args.engine_iters, batches)
     eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, iters)
-    if engine.device.type == "cuda":  # warm the kernels for the scene's batch shapes
-        pipe.run(scene) if args.warmup else None
+    marks["engine_only"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+    if engine.device.type == "cuda" and args.warmup:  # warm the kernels for the scene's batch shapes
+        pipe.run(scene)
+        marks["warmup_run"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
     rss_before = peak_rss_mb()
-    with GpuSampler() as gpu:
+    reset_slab_peak()
+    with GpuSampler() as gpu, RssTrace() as trace:
         t0 = time.perf_counter()
         result = pipe.run(scene)
         seconds = time.perf_counter() - t0
+    slab_peak = slab_memory()["peak"] / 2**20
+    if getattr(args, "trace", None):
+        Path(args.trace).write_text(json.dumps(trace.samples))
     tiles = result.stats.tiles_read + result.stats.tiles_skipped
     e2e = tiles / seconds
     # --repeat: engine-only and end-to-end again, in turn, so that a drift of the machine's speed (a
@@ -247,6 +310,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1),
         "ratio": float(np.median(ratios)) if ratios else None, "ratios": ratios, "repeat": len(pairs),
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_run_mb": round(rss_before, 1),
+        "slab_peak_mb": round(slab_peak, 1), "at_run_peak": trace.at_peak, "marks": marks,
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
     }
@@ -254,6 +318,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
+    if getattr(args, "trace_dir", None):
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(s, False) for s in args.scenes] + ([(args.seed_baseline, True)] if args.seed_baseline else [])
     for scene, seed in jobs:
         cmd = [sys.executable, __file__, "one", "--scene", scene, "--model", args.model, "--device", args.device,
@@ -262,7 +328,8 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
             + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
-            + ["--repeat", str(getattr(args, "repeat", 1))]
+            + ["--repeat", str(getattr(args, "repeat", 1))] \
+            + (["--trace", str(Path(args.trace_dir) / f"trace_{Path(scene).stem}{'_seed' if seed else ''}.json")] if getattr(args, "trace_dir", None) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -273,11 +340,14 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+JSON_FIELDS = ("stages_s", "ratios", "at_run_peak", "marks")  # written to the CSV as JSON
+
+
 def read_row(raw: dict[str, str]) -> dict[str, Any]:
     """A CSV row of ``run`` back as the row it was written from (numbers, stages as a dict)."""
     row: dict[str, Any] = {}
     for k, v in raw.items():
-        if k in ("stages_s", "ratios"):
+        if k in JSON_FIELDS:
             row[k] = json.loads(v)
         elif v in ("", "None"):
             row[k] = None
@@ -296,7 +366,7 @@ def write_outputs(rows: list[dict[str, Any]], csv_path: Path | None, png: Path |
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             for r in rows:
-                w.writerow({**r, "stages_s": json.dumps(r["stages_s"])})
+                w.writerow({**r, **{k: json.dumps(r[k]) for k in JSON_FIELDS if k in r}})
     print("\n| scene | backend | batch | tiles | engine-only tiles/s | end-to-end tiles/s | ratio | peak RSS MB | GPU util % |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -344,11 +414,13 @@ def main() -> None:
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
+            p.add_argument("--trace-dir", type=Path, help="write each measured run's memory samples here (trace_SCENE.json)")
             p.add_argument("--csv", type=Path)
             p.add_argument("--png", type=Path)
             p.add_argument("--title", default="rs-detect: engine-only vs end-to-end")
         else:
             p.add_argument("--scene", required=True)
+            p.add_argument("--trace", type=Path, help="write the measured run's memory samples (RssTrace) here, as JSON")
             p.add_argument("--seed-style", action="store_true")
     pl = sub.add_parser("plot", help="the table and PNG again from CSVs written by run (e.g. on another machine)")
     pl.add_argument("--csv", type=Path, nargs="+", required=True)

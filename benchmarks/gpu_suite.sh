@@ -6,6 +6,8 @@
 # end-to-end per scene, each in a fresh process, PyTorch backend, fp16, on cuda, CUDA graphs on (and
 # once off, RS_DETECT_CUDA_GRAPHS=0, for comparison). Scenes and models go to $BENCH_WORK (/tmp/bench);
 # models already there are reused (BENCH_SKIP_MODELS=1 skips making them: no Ultralytics needed).
+# Each measured run's memory samples (RSS and its parts, pinned bytes, slabs; every 10 ms) go to
+# OUTDIR/traces/RUN/trace_SCENE.json.
 set -euo pipefail
 OUT=${1:?usage: gpu_suite.sh OUTDIR [YOLOV8N.pt]}
 V8N=${2:-}
@@ -21,16 +23,16 @@ python3 benchmarks/bench_pipeline.py scenes --out "$S" --spec 8192:uint16:tiled:
   32768:uint16:tiled:deflate 32768:uint16:striped:deflate 32768:uint8:tiled:deflate 8192:uint8:tiled:lzw 8192:uint8:striped:lzw
 echo "setup: $(( $(date +%s) - t0 )) s"
 run() { python3 benchmarks/bench_pipeline.py run --device cuda --threads "$THREADS" --warmup "$@"; }
-run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16.csv" --png "$OUT/bench_v8m_b16.png" \
+run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16.csv" --trace-dir "$OUT/traces/v8m_b16" --png "$OUT/bench_v8m_b16.png" \
   --title "YOLOv8m, batch 16, fp16, PyTorch backend" \
   --scenes "$S/scene_32768_uint16_tiled_deflate.tif" "$S/scene_32768_uint16_striped_deflate.tif" \
   "$S/scene_16384_uint16_tiled_deflate.tif" "$S/scene_8192_uint16_tiled_deflate.tif" \
   "$S/scene_8192_uint8_tiled_lzw.tif" "$S/scene_8192_uint8_striped_lzw.tif" \
   --seed-baseline "$S/scene_8192_uint16_tiled_deflate.tif"
-RS_DETECT_CUDA_GRAPHS=0 run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16_eager.csv" \
+RS_DETECT_CUDA_GRAPHS=0 run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16_eager.csv" --trace-dir "$OUT/traces/v8m_b16_eager" \
   --scenes "$S/scene_32768_uint16_tiled_deflate.tif"
-run --model "$W/models/yolov8m.torchscript" --batch 32 --csv "$OUT/bench_v8m_b32.csv" --scenes "$S/scene_32768_uint16_tiled_deflate.tif"
-run --model "$W/models/yolov8n.torchscript" --batch 16 --csv "$OUT/bench_v8n_b16.csv" --png "$OUT/bench_v8n_b16.png" \
+run --model "$W/models/yolov8m.torchscript" --batch 32 --csv "$OUT/bench_v8m_b32.csv" --trace-dir "$OUT/traces/v8m_b32" --scenes "$S/scene_32768_uint16_tiled_deflate.tif"
+run --model "$W/models/yolov8n.torchscript" --batch 16 --csv "$OUT/bench_v8n_b16.csv" --trace-dir "$OUT/traces/v8n_b16" --png "$OUT/bench_v8n_b16.png" \
   --title "YOLOv8n, batch 16, fp16, PyTorch backend" \
   --scenes "$S/scene_32768_uint16_tiled_deflate.tif" "$S/scene_32768_uint16_striped_deflate.tif" "$S/scene_32768_uint8_tiled_deflate.tif"
 echo "total: $(( $(date +%s) - t0 )) s"
