@@ -315,6 +315,33 @@ def test_stretch_sample_windows_decode_one_block_each_and_match_the_scene(tmp_pa
         src.close()
 
 
+def test_striped_stretch_sample_reads_a_few_strips_at_a_time_and_samples_the_windows(tmp_path: Path, monkeypatch) -> None:
+    """A striped grid row is read in bands of whole strips of about STATS_CHUNK_BYTES (not 256 rows of
+    the full width at once), and the sample holds exactly the pixels of the plan's windows."""
+    import rs_detect.io.reader as reader_mod
+
+    rng = np.random.default_rng(4)
+    img = rng.integers(300, 60000, (2600, 3000), dtype=np.uint16)
+    src = RasterSource(write_tif(tmp_path / "striped.tif", img, tiled=False, blockysize=8))
+    row_bytes = 3000 * 2
+    monkeypatch.setattr(reader_mod, "STATS_CHUNK_BYTES", row_bytes * 20)  # 20 rows: bands of 2 strips (16 rows)
+    real = src._dataset()
+    heights: list[int] = []
+
+    class Spy:
+        def read(self, *args, window=None, **kwargs):
+            heights.append(int(window.height))
+            return real.read(*args, window=window, **kwargs)
+
+    monkeypatch.setattr(src, "_dataset", lambda: Spy())
+    jobs = src._sample_plan()
+    sample = np.concatenate([src._sample_part(job) for job in jobs])
+    want = np.concatenate([img[y : y + h, x : x + w].ravel() for y, h, cols in jobs for x, w in cols])
+    assert np.array_equal(np.sort(sample), np.sort(want))
+    assert heights and max(heights) == 16 and sum(heights) == sum(h for _, h, _ in jobs)
+    src.close()
+
+
 def test_cuts_fill_slots_whole_from_uninitialised_memory(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     for shape in ((300, 400), (200, 400)):  # full tiles; tiles padded below (the scene is shorter than a tile)
@@ -383,11 +410,14 @@ def test_reader_threads_default_to_the_cores(tmp_path: Path, monkeypatch: pytest
         Config(read_threads=0)
 
 
-def test_prefetch_defaults_to_the_device() -> None:
-    """Unset: 3 batches ahead on a GPU (YOLOv8n fell from 0.83 to 0.72-0.74 of engine speed with 2), 2 on the CPU."""
+def test_prefetch_defaults_to_the_device_and_the_batch() -> None:
+    """Unset: about 48 tiles ahead on a GPU (3 batches of 16: YOLOv8n fell from 0.83 to 0.72-0.74 of
+    engine speed with 2; 2 of 32), never under 2 batches; 2 batches on the CPU."""
     from rs_detect.config import auto_prefetch
 
     assert [auto_prefetch(d) for d in ("cuda", "cuda:1", "cpu")] == [3, 3, 2]
+    assert [auto_prefetch("cuda", b) for b in (1, 8, 16, 24, 32, 64)] == [48, 6, 3, 2, 2, 2]
+    assert [auto_prefetch("cpu", b) for b in (1, 32)] == [2, 2]
     assert ScenePipeline(FakeEngine(256), Config()).prefetch == 2  # FakeEngine is on the CPU
     assert ScenePipeline(FakeEngine(256), Config(prefetch=5)).prefetch == 5
     with pytest.raises(ConfigError, match="prefetch"):
