@@ -101,7 +101,7 @@ class ScenePipeline:
             self.batch_size = self.meta.max_batch
         #: reader threads: the configured number, else all cores but four on a GPU, up to 4 on the CPU
         self.read_threads = config.read_threads or auto_read_threads(engine.device.type)
-        self.prefetch = config.prefetch or auto_prefetch(engine.device.type)
+        self.prefetch = config.prefetch or auto_prefetch(engine.device.type, self.batch_size)
         self._side_stream: torch.cuda.Stream | None = None
         engine.warmup(self.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
         if model_sha256 is None and model_path and model_path.is_file():
