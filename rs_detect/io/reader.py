@@ -53,7 +53,7 @@ os.environ.setdefault("GDAL_CACHEMAX", "16")
 STATS_GRID = 8  # sample windows per axis for the percentile stretch
 STATS_THREADS = 4
 STATS_WINDOW = 256
-STATS_CHUNK_BYTES = 2 << 20  # striped files: a grid row's full-width band is read in whole strips of about this size
+STATS_CHUNK_BYTES = 4 << 20  # striped files: a grid row's full-width band is read in whole strips of about this size
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -374,14 +374,17 @@ class RasterSource:
             if self.is_striped:
                 # the grid row's strips, each decoded once for all of its windows, a few at a time: read
                 # whole, a 256-row band of a 32k-wide uint16 scene is 16 MB, and 8 of them at once put
-                # 190 MB on the peak of the scene's first second (H200, benchmarks/results/h200_h_*)
+                # 190 MB on the peak of the scene's first second (H200, benchmarks/results/h200_h_*).
+                # Each band's windows are taken in one indexing step: every Python step between reads
+                # waits for the GIL, which the reader and cutter threads hold most of the time
                 row_bytes = self.width * len(self.plan.indexes) * self.dtype.itemsize
                 strip = self.block_shapes[0][0]
                 step = max(strip, STATS_CHUNK_BYTES // max(row_bytes, 1) // strip * strip)
+                columns = np.concatenate([np.arange(x, x + w) for x, w in cols])
                 parts = []
                 for y0 in range(y, y + h, step):
                     band = ds.read(self.plan.indexes, window=Window(0, y0, self.width, min(step, y + h - y0)), masked=self.has_mask)
-                    parts.extend(self._valid_values(band[:, :, x : x + w]) for x, w in cols)
+                    parts.append(self._valid_values(band[:, :, columns]))
                 return np.concatenate(parts)
             return np.concatenate([self._valid_values(ds.read(self.plan.indexes, window=Window(x, y, w, h), masked=self.has_mask)) for x, w in cols])
         except RasterioError as exc:
