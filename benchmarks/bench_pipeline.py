@@ -177,9 +177,8 @@ class RssTrace:
             pass
         if torch.cuda.is_available():
             stats = torch.cuda.host_memory_stats()
-            for key, name in (("allocated_bytes.current", "pinned"), ("active_bytes.current", "pinned_active")):
-                if key in stats:
-                    out[name] = round(stats[key] / 2**20, 1)
+            if "allocated_bytes.current" in stats:  # what the pinned allocator holds, cached blocks included
+                out["pinned"] = round(stats["allocated_bytes.current"] / 2**20, 1)
         out["slabs"] = round(slab_memory()["live"] / 2**20, 1)
         return out
 

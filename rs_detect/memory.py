@@ -1,7 +1,8 @@
 """Keep the resident size of a long scene flat: hand freed heap pages back to the OS (glibc only).
 
-Why: reader threads decode into buffers of a few hundred kilobytes to tens of megabytes (GDAL's
-blocks, the reader's slabs, tiles). glibc serves such sizes from per-thread arenas once its dynamic mmap
+Why: reader threads decode into buffers of a few hundred kilobytes to megabytes (GDAL's blocks and
+its strip buffers, the stretch's sample bands; the reader's slabs have mappings of their own,
+:func:`rs_detect.io.prefetch.mapped_array`). glibc serves such sizes from per-thread arenas once its dynamic mmap
 threshold has risen, and pages freed in the middle of an arena stay resident: on a 32k x 32k scene
 the process grew by about 200 MB over the run although nothing was held. ``malloc_trim(0)`` returns
 those pages; called about four times a second it costs a fraction of a millisecond per call; the 8k and 32k runs then peak within about 10 % of each other. (A fixed, low
