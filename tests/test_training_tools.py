@@ -213,11 +213,13 @@ def test_the_recorded_selection_gives_the_shipped_models_and_thresholds() -> Non
 
     rows = csm.read_rows(REPO_ROOT / "docs" / "sample_model_selection.jsonl.gz")
     assert not {r["seed"] for r in rows} & csm.TEST_SEEDS
-    for task, names in (("hbb", {"ft4", "ft5"}), ("obb", None), ("obb", {"ft4"})):  # OBB: chosen on 18 scenes, same on 38
-        winner, picks = csm.choose([r for r in rows if names is None or r["candidate"] in names], task)
+    # HBB: fine-tune 4 against 5 on 38 scenes; OBB: fine-tunes 4, 6a (ft6s50), 6b (ft6s10) and 7 on 38 scenes
+    for task, names in (("hbb", {"ft4", "ft5"}), ("obb", {"ft4", "ft6s50", "ft6s10", "ft7"})):
+        winner, picks = csm.choose([r for r in rows if r["candidate"] in names], task)
         meta = yaml.safe_load((REPO_ROOT / "sample_data" / f"planeship_yolov8n_{task}.yaml").read_text())
         assert {"plane": meta["conf_by_class"]["plane"], "ship": meta["conf"]} == {c: picks[winner][c]["conf"] for c in ("plane", "ship")}
-        assert winner == {"hbb": "ft5", "obb": "ft4"}[task]
+        assert winner == {"hbb": "ft5", "obb": "ft7"}[task]
+    assert csm.choose([r for r in rows if r["task"] == "obb"], "obb")[0] == "ft7"  # also on the 18 scenes fine-tune 1 was scored on
 
 
 def test_the_training_record_names_the_shipped_files_by_their_hashes() -> None:
