@@ -7,7 +7,9 @@
 # once off, RS_DETECT_CUDA_GRAPHS=0, for comparison). Scenes and models go to $BENCH_WORK (/tmp/bench);
 # models already there are reused (BENCH_SKIP_MODELS=1 skips making them: no Ultralytics needed).
 # Each measured run's memory samples (RSS and its parts, pinned bytes, slabs; every 10 ms) go to
-# OUTDIR/traces/RUN/trace_SCENE.json.
+# OUTDIR/traces/RUN/trace_SCENE.json. BENCH_REPEAT=N measures every case N times in turn (medians in the
+# CSV, each pair's ratio in its 'ratios'): the end-to-end ratios of one case moved by up to 0.05 from call
+# to call on the H200 (README, "Speed and memory"), so a target near a ratio needs more than one pair.
 set -euo pipefail
 OUT=${1:?usage: gpu_suite.sh OUTDIR [YOLOV8N.pt]}
 V8N=${2:-}
@@ -22,7 +24,8 @@ t0=$(date +%s)
 python3 benchmarks/bench_pipeline.py scenes --out "$S" --spec 8192:uint16:tiled:deflate 16384:uint16:tiled:deflate \
   32768:uint16:tiled:deflate 32768:uint16:striped:deflate 32768:uint8:tiled:deflate 8192:uint8:tiled:lzw 8192:uint8:striped:lzw
 echo "setup: $(( $(date +%s) - t0 )) s"
-run() { python3 benchmarks/bench_pipeline.py run --device cuda --threads "$THREADS" --warmup "$@"; }
+REPEAT=${BENCH_REPEAT:-1}  # engine-only and end-to-end this many times in turn per case; medians reported
+run() { python3 benchmarks/bench_pipeline.py run --device cuda --threads "$THREADS" --warmup --repeat "$REPEAT" "$@"; }
 run --model "$W/models/yolov8m.torchscript" --batch 16 --csv "$OUT/bench_v8m_b16.csv" --trace-dir "$OUT/traces/v8m_b16" --png "$OUT/bench_v8m_b16.png" \
   --title "YOLOv8m, batch 16, fp16, PyTorch backend" \
   --scenes "$S/scene_32768_uint16_tiled_deflate.tif" "$S/scene_32768_uint16_striped_deflate.tif" \
