@@ -113,6 +113,32 @@ def _all_batches(src: RasterSource, tiles: list, size: int, batch: int = 3, thre
         return list(window_batches(src, tiles, pool, batch, size, pin=False, depth=2, threads=threads))
 
 
+@pytest.mark.parametrize("private_mapping", [True, False], ids=["mmap", "no-mmap"])
+def test_slab_arrays_are_counted_while_any_view_lives(monkeypatch, private_mapping: bool) -> None:
+    """A slab is an anonymous private mapping (a plain array where Python's mmap has none, as on
+    Windows), writable, counted in slab_memory() until its last view is gone."""
+    import gc
+
+    import rs_detect.io.prefetch as prefetch
+
+    if not private_mapping:
+        monkeypatch.setattr(prefetch, "_ANON_FLAGS", None)
+    elif prefetch._ANON_FLAGS is None:
+        pytest.skip("this platform's mmap has no private anonymous mappings")
+    before = slab_memory()["live"]
+    slab = prefetch.mapped_array((2, 30, 40), np.dtype(np.uint16))
+    slab[:] = 7
+    view = slab[:, 5:10, :20]
+    assert slab.shape == (2, 30, 40) and int(view.sum()) == 7 * 2 * 5 * 20
+    assert slab_memory()["live"] == before + 2 * 30 * 40 * 2
+    del slab
+    gc.collect()
+    assert slab_memory()["live"] == before + 2 * 30 * 40 * 2  # the view holds it
+    del view
+    gc.collect()
+    assert slab_memory()["live"] == before
+
+
 @pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "striped"])
 def test_slab_memory_is_bounded_by_the_width_never_the_height_and_freed(tmp_path: Path, tiled: bool) -> None:
     """The reader holds a few rows of windows of the scene's width, whatever its height, and

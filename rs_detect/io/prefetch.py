@@ -93,6 +93,9 @@ def reset_slab_peak() -> None:
         _slab_bytes["peak"] = _slab_bytes["live"]
 
 
+_ANON_FLAGS: int | None = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE") else None
+
+
 def _unmapped(nbytes: int) -> None:
     with _slab_lock:
         _slab_bytes["live"] -= nbytes
@@ -109,12 +112,14 @@ def mapped_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
     nbytes = max(count * dtype.itemsize, 1)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Windows has no private anonymous mappings in Python's mmap: a plain array there
+    buf: mmap.mmap | np.ndarray = mmap.mmap(-1, nbytes, flags=_ANON_FLAGS) if _ANON_FLAGS is not None else np.empty(count, dtype)
     with _slab_lock:
         _slab_bytes["live"] += nbytes
         _slab_bytes["peak"] = max(_slab_bytes["peak"], _slab_bytes["live"])
-    weakref.finalize(buf, _unmapped, nbytes)
-    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+    weakref.finalize(buf, _unmapped, nbytes)  # the buffer lives as long as any view of it
+    flat = np.frombuffer(buf, dtype=dtype, count=count) if isinstance(buf, mmap.mmap) else buf
+    return flat.reshape(shape)
 
 
 @dataclass
