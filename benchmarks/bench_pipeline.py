@@ -48,19 +48,13 @@ def peak_rss_mb() -> float:
 def memory_breakdown() -> dict[str, float | int | None]:
     """What the resident size is made of now (anonymous vs file-backed pages, Linux) and the pinned
     host allocator's blocks (torch's caching host allocator: what batches in flight keep resident)."""
-    out: dict[str, float | int | None] = {"rss_anon_mb": None, "rss_file_mb": None}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                out[f"rss_{key[3:].lower()}_mb"] = round(int(value.split()[0]) / 1024.0, 1)
-    except OSError:
-        pass
+    now = RssTrace.sample()
     stats = torch.cuda.host_memory_stats() if torch.cuda.is_available() else {}
-    out["pinned_mb"] = round(stats["allocated_bytes.current"] / 2**20, 1) if "allocated_bytes.current" in stats else None
-    out["pinned_peak_mb"] = round(stats["allocated_bytes.peak"] / 2**20, 1) if "allocated_bytes.peak" in stats else None
-    out["pinned_blocks"] = stats.get("allocations.current")
-    return out
+    return {
+        "rss_anon_mb": now.get("anon"), "rss_file_mb": now.get("file"), "pinned_mb": now.get("pinned"),
+        "pinned_peak_mb": round(stats["allocated_bytes.peak"] / 2**20, 1) if "allocated_bytes.peak" in stats else None,
+        "pinned_blocks": stats.get("allocations.current"),
+    }
 
 
 # -- scenes -------------------------------------------------------------------------------------------
@@ -257,29 +251,34 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         ts.use_simple_executor = lambda: torch._C._jit_set_profiling_executor(True)
     # the resident size (and its parts) after each step, with the peak so far: where the baseline comes from
-    marks = {"start": {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}}
+    marks: dict[str, dict[str, float]] = {}
+
+    def mark(step: str) -> None:
+        marks[step] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+
+    mark("start")
     if args.model == "null":
         engine: Engine = NullEngine()
     elif args.seed_style:
         engine = SeedStyleEngine(Path(args.model), args.device)
     else:
         engine = load_engine(Path(args.model), device=args.device)
-    marks["engine"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+    mark("engine")
     cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25)
     t_setup = time.perf_counter()
     pipe = ScenePipeline(engine, cfg, None if args.model == "null" else Path(args.model))  # captures the CUDA graph
     setup_s = time.perf_counter() - t_setup
-    marks["pipeline"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+    mark("pipeline")
     # engine-only runs as many batches as the scene has (at least --engine-iters): the same sustained
     # load, so clocks and power settle the same way in both figures
     with rasterio.open(scene) as ds:
         batches = -(-tile_count(ds.width, ds.height, pipe.tile_size, cfg.overlap) // pipe.batch_size)
     iters = max(args.engine_iters, batches)
     eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, iters)
-    marks["engine_only"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+    mark("engine_only")
     if engine.device.type == "cuda" and args.warmup:  # warm the kernels for the scene's batch shapes
         pipe.run(scene)
-        marks["warmup_run"] = {**RssTrace.sample(), "peak": round(peak_rss_mb(), 1)}
+        mark("warmup_run")
     rss_before = peak_rss_mb()
     reset_slab_peak()
     with GpuSampler() as gpu, RssTrace() as trace:
