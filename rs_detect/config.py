@@ -47,18 +47,20 @@ def auto_read_threads(device: str, cores: int | None = None) -> int:
 
 
 def auto_prefetch(device: str, batch_size: int = 16) -> int:
-    """Batches read ahead when ``prefetch`` is not set: about 48 tiles on a GPU (3 batches of 16, 2 of
-    32, never under 2), 2 batches on the CPU.
+    """Batches read ahead when ``prefetch`` is not set: about 48 tiles on a GPU (3 batches of 16, 6 of
+    8, 1 of 32 or more), 2 batches on the CPU.
 
     On the H200, YOLOv8n ran at 0.83 of engine speed with 3 batches of 16 ahead and at 0.72-0.74 with 2
     (``benchmarks/results/h200_g_memory_probes.txt``). Each batch ahead is one more pinned batch resident
-    (32 MB at 16 x 1024 x 1024 uint16) and holds the slabs its rows need, so the depth is set in tiles:
-    at batch 32, YOLOv8m ran at 0.949 with 2 ahead against 0.951 with 3, and peaked at 2031 MB against
-    2128 MB. On the CPU the model is the slow stage and 2 suffice.
+    (32 MB at 16 x 1024 x 1024 uint16) and holds the slabs its rows need, so the depth is set in tiles.
+    Three more batches are alive behind the read-ahead (one finished and waiting to be handed over, one
+    in the hand-over queue, one in the engine), so at batch 32 one batch ahead still keeps 128 tiles in
+    flight, more than batch 16's 96: with 2 ahead YOLOv8m ran at 0.944-0.945 and peaked at 2031 MB, 64 MB
+    pinned and a slab row over the 2 GB target. On the CPU the model is the slow stage and 2 suffice.
     """
     if not str(device).startswith("cuda"):
         return 2
-    return max(2, -(-48 // max(1, batch_size)))
+    return max(1, 48 // max(1, batch_size))
 
 
 @dataclass(frozen=True)

@@ -439,11 +439,12 @@ def test_reader_threads_default_to_the_cores(tmp_path: Path, monkeypatch: pytest
 
 def test_prefetch_defaults_to_the_device_and_the_batch() -> None:
     """Unset: about 48 tiles ahead on a GPU (3 batches of 16: YOLOv8n fell from 0.83 to 0.72-0.74 of
-    engine speed with 2; 2 of 32), never under 2 batches; 2 batches on the CPU."""
+    engine speed with 2; 1 of 32, which keeps 128 tiles in flight with the three batches behind it); 2
+    batches on the CPU."""
     from rs_detect.config import auto_prefetch
 
     assert [auto_prefetch(d) for d in ("cuda", "cuda:1", "cpu")] == [3, 3, 2]
-    assert [auto_prefetch("cuda", b) for b in (1, 8, 16, 24, 32, 64)] == [48, 6, 3, 2, 2, 2]
+    assert [auto_prefetch("cuda", b) for b in (1, 8, 16, 24, 32, 64)] == [48, 6, 3, 2, 1, 1]
     assert [auto_prefetch("cpu", b) for b in (1, 32)] == [2, 2]
     assert ScenePipeline(FakeEngine(256), Config()).prefetch == 2  # FakeEngine is on the CPU
     assert ScenePipeline(FakeEngine(256), Config(prefetch=5)).prefetch == 5
