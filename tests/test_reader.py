@@ -15,7 +15,7 @@ from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import ConfigError, InputError
 from rs_detect.io.prefetch import RawBatch, SlabReader, reset_slab_peak, slab_memory, window_batches
-from rs_detect.io.reader import RasterSource, ScaleConfig, percentiles, plan_bands
+from rs_detect.io.reader import RasterSource, ScaleConfig, add_counts, percentiles, percentiles_from_counts, plan_bands, value_counts
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
 from rs_detect.preprocess import Normalizer
@@ -82,7 +82,23 @@ def test_percentiles_from_counts_equal_numpys_to_the_last_bit(dtype: type) -> No
         got, want = percentiles(values, qs), np.percentile(values, qs)
         assert got.dtype == want.dtype and np.array_equal(got, want), (values.size, qs, got, want)
     floats = rng.normal(size=1000).astype(np.float32)  # anything else is numpy's own
+    assert value_counts(floats) is None
     assert np.array_equal(percentiles(floats, [2.0, 98.0]), np.percentile(floats, [2.0, 98.0]))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16])
+def test_counts_of_parts_add_up_to_the_percentiles_of_the_whole(dtype: type) -> None:
+    """The background stretch counts each sample job's values in its own thread and adds the counts."""
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    for i in range(60):
+        lo, hi = sorted(int(v) for v in rng.integers(info.min, info.max + 1, 2))
+        parts = [rng.integers(lo, hi + 1, int(rng.integers(1, 3000))).astype(dtype) for _ in range(int(rng.integers(1, 9)))]
+        qs = sorted(rng.uniform(0, 100, 2).tolist())
+        base, counts = add_counts([value_counts(p) for p in parts])  # type: ignore[misc]
+        assert counts.sum() == sum(p.size for p in parts)
+        got, want = percentiles_from_counts(base, counts, np.dtype(dtype), qs), np.percentile(np.concatenate(parts), qs)
+        assert got.dtype == want.dtype and np.array_equal(got, want), (qs, got, want)
 
 
 def test_fixed_scale_and_float_nan(tmp_path: Path) -> None:
@@ -529,6 +545,58 @@ def test_background_scale_matches_and_overlaps_the_first_reads(tmp_path: Path, m
     res = ScenePipeline(FakeEngine(imgsz=512), Config(batch_size=2, read_threads=2)).run(path)
     assert res.metadata["scale"]["low"] == want.low and res.metadata["scale"]["high"] == want.high
     assert res.stats.tiles_read == res.stats.tiles_total > 4
+
+
+@pytest.mark.parametrize("dtype,tiled", [(np.uint16, True), (np.int16, True), (np.uint16, False), (np.float32, True)])
+def test_background_scale_is_computed_by_the_reader_threads_and_matches(tmp_path: Path, dtype: type, tiled: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the reader pool, the grid of sample jobs (a scene over 2048 px) ends in a stretch that a reader
+    thread computes as soon as the last job is done: nobody asks for it, and it equals the stretch
+    measured in the caller (same sample, same percentiles)."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    img = rng.gamma(2.0, 300.0, (2300, 2600)) - (800 if dtype == np.int16 else -200)
+    path = write_tif(tmp_path / "s.tif", img.astype(dtype), tiled=tiled)
+    want = RasterSource(path).scale
+    threads: list[str] = []
+    real = RasterSource._scale_from_parts
+
+    def record(self: RasterSource, *a: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real(self, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RasterSource, "_scale_from_parts", record)
+    with ThreadPoolExecutor(3, thread_name_prefix="rs-read") as pool:
+        src = RasterSource(path, background_scale=True, handles=3, pool=pool)
+        assert src._sample_jobs is not None and len(src._sample_jobs) > 1
+        assert src._scale_job is not None and src._scale_job.result(timeout=30) == want  # without src.scale
+        assert src.scale == want and threads and all(t.startswith("rs-read") for t in threads)
+        src.close()
+
+
+def test_closing_while_the_stretch_is_measured_cancels_it_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+    from concurrent.futures import CancelledError
+
+    path = write_tif(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 4000, (2300, 2600)).astype(np.uint16))
+    release = threading.Event()
+    real = RasterSource._sample_part
+
+    def slow(self: RasterSource, job: object) -> np.ndarray:
+        assert release.wait(timeout=20)
+        return real(self, job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RasterSource, "_sample_part", slow)
+    with ThreadPoolExecutor(1) as pool:
+        src = RasterSource(path, background_scale=True, handles=1, pool=pool)
+        threading.Timer(0.2, release.set).start()
+        src.close()  # cancels the queued jobs, waits for the running one
+        assert src._scale_job is not None and src._scale_job.cancelled()
+        with pytest.raises(CancelledError):
+            src._scale_job.result(timeout=1)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
 def test_background_scale_error_reaches_the_caller_as_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
