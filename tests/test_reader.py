@@ -370,10 +370,12 @@ def test_striped_stretch_sample_reads_a_few_strips_at_a_time_and_samples_the_win
     monkeypatch.setattr(reader_mod, "STATS_CHUNK_BYTES", row_bytes * 20)  # 20 rows: bands of 2 strips (16 rows)
     real = src._dataset()
     heights: list[int] = []
+    outs: list[object] = []
 
     class Spy:
         def read(self, *args, window=None, **kwargs):
             heights.append(int(window.height))
+            outs.append(kwargs.get("out"))
             return real.read(*args, window=window, **kwargs)
 
     monkeypatch.setattr(src, "_dataset", lambda: Spy())
@@ -382,6 +384,15 @@ def test_striped_stretch_sample_reads_a_few_strips_at_a_time_and_samples_the_win
     want = np.concatenate([img[y : y + h, x : x + w].ravel() for y, h, cols in jobs for x, w in cols])
     assert np.array_equal(np.sort(sample), np.sort(want))
     assert heights and max(heights) == 16 and sum(heights) == sum(h for _, h, _ in jobs)
+    # no mask: every band goes into its job's own scratch mapping (not the heap, where it stays resident)
+    import mmap
+
+    def base(a: object) -> object:
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        return a.obj if isinstance(a, memoryview) else a
+
+    assert all(isinstance(base(o), mmap.mmap) for o in outs)
     src.close()
 
 
