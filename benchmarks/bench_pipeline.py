@@ -402,7 +402,7 @@ def main() -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 2) - 2))
-        p.add_argument("--prefetch", type=int, default=None, help="batches read ahead (default: the pipeline's, 3 on a GPU, 2 on the CPU)")
+        p.add_argument("--prefetch", type=int, default=None, help="batches read ahead (default: the pipeline's: 48 // batch on a GPU, 2 on the CPU)")
         p.add_argument("--engine-iters", type=int, default=30)
         p.add_argument("--warmup", action="store_true")
         p.add_argument("--jit-profiling", action="store_true", help="TorchScript's profiling executor back on (off by default)")
