@@ -2,7 +2,7 @@
 
 Why: reader threads decode into buffers of a few hundred kilobytes to megabytes (GDAL's blocks and
 its strip buffers, the stretch's sample bands; the reader's slabs have mappings of their own,
-:func:`rs_detect.io.prefetch.mapped_array`). glibc serves such sizes from per-thread arenas once its dynamic mmap
+:func:`mapped_array`). glibc serves such sizes from per-thread arenas once its dynamic mmap
 threshold has risen, and pages freed in the middle of an arena stay resident: on a 32k x 32k scene
 the process grew by about 200 MB over the run although nothing was held. ``malloc_trim(0)`` returns
 those pages; called about four times a second it costs a fraction of a millisecond per call; the 8k and 32k runs then peak within about 10 % of each other. (A fixed, low
@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
 import time
+import weakref
 from collections.abc import Callable
+
+import numpy as np
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -34,6 +38,26 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _TRIM = _malloc_trim()
 TRIM_EVERY_S = 0.25  # the default interval (benchmarks/bench_pipeline.py --trim-interval sets it for a run)
+
+
+_ANON_FLAGS: int | None = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE") else None
+
+
+def mapped_array(shape: tuple[int, ...], dtype: np.dtype, on_free: Callable[[], None] | None = None) -> np.ndarray:
+    """An array in an anonymous private mapping of its own, unmapped when its last view is freed;
+    ``on_free`` runs then. For buffers of megabytes that come and go (the reader's slabs, the striped
+    stretch's sample bands): from the heap, glibc serves them from arenas once its mmap threshold has
+    risen, and their freed pages stay resident until a trim. Windows has no private anonymous mappings
+    in Python's mmap: a plain array there.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    nbytes = max(count * dtype.itemsize, 1)
+    buf: mmap.mmap | np.ndarray = mmap.mmap(-1, nbytes, flags=_ANON_FLAGS) if _ANON_FLAGS is not None else np.empty(count, dtype)
+    if on_free is not None:
+        weakref.finalize(buf, on_free)  # the buffer lives as long as any view of it
+    flat = np.frombuffer(buf, dtype=dtype, count=count) if isinstance(buf, mmap.mmap) else buf
+    return flat.reshape(shape)
 
 
 def trim_heap() -> bool:

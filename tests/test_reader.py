@@ -127,11 +127,12 @@ def test_slab_arrays_are_counted_while_any_view_lives(monkeypatch, private_mappi
     import sys
 
     import rs_detect.io.prefetch as prefetch
+    import rs_detect.memory as memory
 
     if not private_mapping:
-        monkeypatch.setattr(prefetch, "_ANON_FLAGS", None)
+        monkeypatch.setattr(memory, "_ANON_FLAGS", None)
     elif sys.platform.startswith("linux"):
-        assert prefetch._ANON_FLAGS is not None  # Linux slabs are mappings of their own
+        assert memory._ANON_FLAGS is not None  # Linux slabs are mappings of their own
     before = slab_memory()["live"]
     slab = prefetch.mapped_array((2, 30, 40), np.dtype(np.uint16))
     slab[:] = 7

@@ -16,20 +16,20 @@ dtype here; scaling runs later on the engine's device.
 
 from __future__ import annotations
 
-import mmap
 import queue
 import threading
-import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
 import torch
 from rasterio.windows import Window
 
+from rs_detect import memory
 from rs_detect.io.reader import RasterSource
 from rs_detect.types import Tile
 
@@ -93,33 +93,25 @@ def reset_slab_peak() -> None:
         _slab_bytes["peak"] = _slab_bytes["live"]
 
 
-_ANON_FLAGS: int | None = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE") else None
-
-
 def _unmapped(nbytes: int) -> None:
     with _slab_lock:
         _slab_bytes["live"] -= nbytes
 
 
 def mapped_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An array in an anonymous private mapping of its own, unmapped when the array is freed.
+    """A slab's array: in a mapping of its own (:func:`rs_detect.memory.mapped_array`), counted in
+    :func:`slab_memory` until its last view is freed.
 
     Why not ``np.empty``: slabs are 10-40 MB. glibc serves those with mmap at first, but each one it
     frees raises its mmap threshold to that size (up to 32 MB), so from the first freed slab on, slabs
     of up to 32 MB come from the heap arenas instead, where their freed pages stay resident and
     fragment until a trim. A mapping of its own goes back to the OS the moment the slab is freed.
     """
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    nbytes = max(count * dtype.itemsize, 1)
-    # Windows has no private anonymous mappings in Python's mmap: a plain array there
-    buf: mmap.mmap | np.ndarray = mmap.mmap(-1, nbytes, flags=_ANON_FLAGS) if _ANON_FLAGS is not None else np.empty(count, dtype)
+    nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
     with _slab_lock:
         _slab_bytes["live"] += nbytes
         _slab_bytes["peak"] = max(_slab_bytes["peak"], _slab_bytes["live"])
-    weakref.finalize(buf, _unmapped, nbytes)  # the buffer lives as long as any view of it
-    flat = np.frombuffer(buf, dtype=dtype, count=count) if isinstance(buf, mmap.mmap) else buf
-    return flat.reshape(shape)
+    return memory.mapped_array(shape, dtype, on_free=partial(_unmapped, nbytes))
 
 
 @dataclass

@@ -24,7 +24,6 @@ not be shared across threads, and GDAL releases the GIL while decoding).
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import warnings
@@ -42,6 +41,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
+from rs_detect.memory import mapped_array
 from rs_detect.types import ScaleInfo
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ class RasterSource:
                 # without a mask, the bands are read into one buffer in a mapping of its own, unmapped
                 # when the job ends: from the heap, 8 jobs' 4 MB bands stayed resident in the reader
                 # threads' arenas until the next trim, on top of the scene's first slabs
-                buf = None if self.has_mask else _own_mapping((len(self.plan.indexes), min(step, h), self.width), self.dtype)
+                buf = None if self.has_mask else mapped_array((len(self.plan.indexes), min(step, h), self.width), self.dtype)
                 parts = []
                 for y0 in range(y, y + h, step):
                     rows = min(step, y + h - y0)
@@ -533,12 +533,6 @@ class RasterSource:
         data = self._combine(arr.astype(np.float32))
         s = self.scale
         return np.clip((data - s.low) / (s.high - s.low), 0, 1), f
-
-
-def _own_mapping(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A scratch array in an anonymous mapping of its own: its pages go back to the OS when it is freed."""
-    count = int(np.prod(shape))
-    return np.frombuffer(mmap.mmap(-1, max(1, count * dtype.itemsize)), dtype=dtype, count=count).reshape(shape)
 
 
 def _one_line(exc: BaseException) -> str:
