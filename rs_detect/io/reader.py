@@ -180,7 +180,11 @@ def add_counts(parts: list[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
 
 def percentile_stretch(sample: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
     """(low, high) of a percentile stretch of ``sample``; a flat sample gets high = low + 1."""
-    lo, hi = (float(v) for v in percentiles(sample, qs))
+    return _stretch_bounds(percentiles(sample, qs))
+
+
+def _stretch_bounds(low_high: np.ndarray) -> tuple[float, float]:
+    lo, hi = (float(v) for v in low_high)
     return lo, (hi if hi > lo else lo + 1.0)
 
 
@@ -384,8 +388,7 @@ class RasterSource:
         base, counts = add_counts(counted)
         if not counts.any():
             return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-        low, high = (float(v) for v in percentiles_from_counts(base, counts, self.dtype, cfg.percentiles))
-        return ScaleInfo("percentile", low, (high if high > low else low + 1.0), cfg.percentiles)
+        return ScaleInfo("percentile", *_stretch_bounds(percentiles_from_counts(base, counts, self.dtype, cfg.percentiles)), cfg.percentiles)
 
     def _scale_from(self, sample: np.ndarray, cfg: ScaleConfig) -> ScaleInfo:
         if sample.size == 0:
