@@ -33,9 +33,13 @@ marks["imports"] = rss()
 from rs_detect.config import Config
 from rs_detect.engines import load_engine
 from rs_detect import pipeline as P
+from rs_detect import executor as X
+from rs_detect import plan as RP
+from rs_detect import stages as S
+from rs_detect.config import cutter_threads
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles
-from rs_detect.io.prefetch import window_batches, in_background
+from rs_detect.io.prefetch import window_batches
 marks["rs_detect"] = rss()
 DEV = os.environ.get("DEV", "cuda")
 THREADS = int(os.environ.get("PT", "14"))
@@ -45,21 +49,26 @@ _pf0.PARTS_PER_THREAD = int(os.environ.get("PPT", str(_pf0.PARTS_PER_THREAD)))
 if os.environ.get("SWITCH"):
     sys.setswitchinterval(float(os.environ["SWITCH"]))
 if CUT:
-    P.cutter_threads = lambda n: CUT
+    RP.cutter_threads = lambda n: CUT
 if mode == "reader":
     torch.zeros(1, device=DEV)
     for rep in range(2):
-        src = RasterSource(scene, channels=1, background_scale=True, handles=THREADS)
+        src = RasterSource(scene, channels=1, handles=THREADS)
         t0 = time.perf_counter(); n = 0
-        with ThreadPoolExecutor(THREADS) as pool:
-            for item in in_background(window_batches(src, iter_tiles(src.width, src.height, 1024, 192, src.transform), pool, 16, 1024, True, 3, THREADS), 3):
-                if hasattr(item, "tiles"):
-                    item.data.to("cuda", non_blocking=True)
-                    n += item.size
+        with ThreadPoolExecutor(THREADS) as pool, ThreadPoolExecutor(CUT or cutter_threads(THREADS)) as cutters:
+            X.measure_scale(src, pool)
+            producer = X.Producer(window_batches(src, iter_tiles(src.width, src.height, 1024, 192, src.transform), pool, 16, 1024, True, 3, THREADS, cutters), 3, "rs-batches")
+            try:
+                for item in producer:
+                    if hasattr(item, "tiles"):
+                        item.data.to("cuda", non_blocking=True)
+                        n += item.size
+            finally:
+                producer.stop()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         src.close()
-        print(json.dumps({"reader": scene.name, "threads": THREADS, "cutters": CUT or _pf0.cutter_threads(THREADS), "ppt": _pf0.PARTS_PER_THREAD, "switch": sys.getswitchinterval(), "tiles": n, "s": round(dt, 3), "tiles_s": round(n / dt, 1), "rss": rss()}))
+        print(json.dumps({"reader": scene.name, "threads": THREADS, "cutters": CUT or cutter_threads(THREADS), "ppt": _pf0.PARTS_PER_THREAD, "switch": sys.getswitchinterval(), "tiles": n, "s": round(dt, 3), "tiles_s": round(n / dt, 1), "rss": rss()}))
     sys.exit()
 
 engine = load_engine(model, device=DEV)
@@ -99,13 +108,13 @@ def timed(label, f):
 
 
 if mode == "stages":
-    P.decode = timed("post.decode", P.decode)
-    P.nms_per_tile = timed("post.nms", P.nms_per_tile)
-    P.to_scene = timed("post.to_scene", P.to_scene)
-    P.Normalizer.upload = timed("main.upload", P.Normalizer.upload)
+    S.decode = timed("post.decode", S.decode)
+    S.nms_per_tile = timed("post.nms", S.nms_per_tile)
+    S.to_scene = timed("post.to_scene", S.to_scene)
+    X.Normalizer.upload = timed("main.upload", X.Normalizer.upload)
     engine.infer_normalized = timed("main.infer", engine.infer_normalized)
-    P.ScenePipeline._postprocess = timed("post.total", P.ScenePipeline._postprocess)
-    P.ScenePipeline._decode = timed("post.decode_all", P.ScenePipeline._decode)
+    X.SceneExecutor._postprocess = timed("post.total", X.SceneExecutor._postprocess)
+    S.TileDecoder.__call__ = timed("post.decode_all", S.TileDecoder.__call__)
 
 pipe.run(scene)
 marks["warm_run"] = rss()
@@ -115,7 +124,7 @@ for rep in range(int(os.environ.get("REPS", "2"))):
     r = pipe.run(scene)
     dw, dc = time.perf_counter() - w, time.thread_time() - c
     st = {k: round(v, 3) for k, v in r.stats.stage_seconds.items()}
-    print(json.dumps({"run": rep, "scene": scene.name, "model": model.stem, "s": round(r.stats.seconds, 3), "tiles_s": round(r.stats.tiles_read / r.stats.seconds, 1), "engine_tiles_s": round(ENGINE, 1), "ratio": round(r.stats.tiles_read / r.stats.seconds / ENGINE, 3), "threads": THREADS, "cutters": CUT or _pf0.cutter_threads(THREADS), "ppt": _pf0.PARTS_PER_THREAD, "switch": sys.getswitchinterval(), "peak_rss": rss()["VmHWM"],
+    print(json.dumps({"run": rep, "scene": scene.name, "model": model.stem, "s": round(r.stats.seconds, 3), "tiles_s": round(r.stats.tiles_read / r.stats.seconds, 1), "engine_tiles_s": round(ENGINE, 1), "ratio": round(r.stats.tiles_read / r.stats.seconds / ENGINE, 3), "threads": THREADS, "cutters": CUT or cutter_threads(THREADS), "ppt": _pf0.PARTS_PER_THREAD, "switch": sys.getswitchinterval(), "peak_rss": rss()["VmHWM"],
                       "main_wall": round(dw, 3), "main_cpu": round(dc, 3), "stages": st,
                       "calls": {k: [v[0], round(v[1] * 1e3 / max(v[0], 1), 2), round(v[2] * 1e3 / max(v[0], 1), 2)] for k, v in sorted(acc.items())}}))
 marks["end"] = rss()

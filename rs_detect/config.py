@@ -1,6 +1,9 @@
-"""One validated configuration. Precedence: model metadata < YAML file < command-line flags.
+"""The user's settings: defaults < a YAML config file < command-line flags, each value range-checked.
 
-Unknown keys are refused (a typo must not silently fall back to a default).
+Unknown keys are refused (a typo must not silently fall back to a default). What is left open here
+(``None``: the model's or the machine's default) and every rule across fields or against the model is
+settled once by :func:`rs_detect.plan.resolve_plan`, which turns a :class:`Config` and a loaded
+engine into the run's :class:`~rs_detect.plan.RunPlan`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from rs_detect.errors import ConfigError
-from rs_detect.io.reader import ScaleConfig
+from rs_detect.types import ScaleConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_MODEL = REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx"
@@ -37,8 +40,8 @@ def auto_read_threads(device: str, cores: int | None = None) -> int:
     """Reader threads when ``read_threads`` is not set: on a GPU, all cores but four (at most 16); on the CPU, up to 4.
 
     On a GPU the readers are what keeps the engine busy, and the main, post-processing, cutter and
-    batching threads need the GIL and a core too: on the 16-core H200, 12 readers ran YOLOv8n at 0.80 of
-    engine speed where 14 ran it at 0.70. On the CPU the model itself wants the cores.
+    batching threads need the GIL and a core too (measured in benchmarks/results/). On the CPU the model itself
+    wants the cores.
     """
     n = available_cores() if cores is None else max(1, int(cores))
     if str(device).startswith("cuda"):
@@ -46,17 +49,22 @@ def auto_read_threads(device: str, cores: int | None = None) -> int:
     return max(1, min(4, n))
 
 
+def cutter_threads(threads: int) -> int:
+    """Cutter threads for ``threads`` reader threads: half as many (a cut is mostly a copy without the
+    GIL; half as many cutters as readers measured as fast as as many, and every thread more is one
+    more waiting for the GIL that the engine's and the post-processing threads need)."""
+    return max(2, threads // 2)
+
+
 def auto_prefetch(device: str, batch_size: int = 16) -> int:
     """Batches read ahead when ``prefetch`` is not set: about 48 tiles on a GPU (3 batches of 16, 6 of
     8, 1 of 32 or more), 2 batches on the CPU.
 
-    On the H200, YOLOv8n ran at 0.83 of engine speed with 3 batches of 16 ahead and at 0.72-0.74 with 2
-    (``benchmarks/results/h200_g_memory_probes.txt``). Each batch ahead is one more pinned batch resident
-    (32 MB at 16 x 1024 x 1024 uint16) and holds the slabs its rows need, so the depth is set in tiles.
-    Three more batches are alive behind the read-ahead (one finished and waiting to be handed over, one
-    in the hand-over queue, one in the engine), so at batch 32 one batch ahead still keeps 128 tiles in
-    flight, more than batch 16's 96: with 2 ahead YOLOv8m ran at 0.944-0.945 and peaked at 2031 MB, 64 MB
-    pinned and a slab row over the 2 GB target. On the CPU the model is the slow stage and 2 suffice.
+    Each batch ahead is one more pinned batch resident (32 MB at 16 x 1024 x 1024 uint16) and holds the
+    slabs its rows need, so the depth is set in tiles. Three more batches are alive behind the
+    read-ahead (one finished and waiting to be handed over, one in the hand-over queue, one in the
+    engine), so at batch 32 one batch ahead still keeps 128 tiles in flight (measured in
+    benchmarks/results/). On the CPU the model is the slow stage and 2 suffice.
     """
     if not str(device).startswith("cuda"):
         return 2
@@ -97,7 +105,6 @@ class Config:
 
         check(self.overlap >= 0, f"overlap must be >= 0, got {self.overlap}")
         check(self.tile_size is None or self.tile_size >= 32, f"tile_size must be >= 32, got {self.tile_size}")
-        check(self.tile_size is None or self.overlap < self.tile_size, f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("conf", "iou", "merge_iou", "merge_ios", "exclusive_ios", "duplicate_ios", "stitch_conf"):
             v = getattr(self, name)

@@ -1,4 +1,4 @@
-"""Raw batches -> model input, on the engine's device.
+"""Raw batches -> model input, on the engine's device (a synchronous stage: tensors in, tensors out).
 
 Scaling a 1024 x 1024 tile to float costs a few milliseconds of CPU per tile, which at GPU speeds
 (thousands of tiles per second) would need more cores than the decoders. So the reader ships raw
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rs_detect.io.prefetch import RawBatch
-from rs_detect.io.reader import LUMA, RasterSource
+from rs_detect.io.bands import LUMA
+from rs_detect.io.reader import RasterSource
+from rs_detect.types import RawBatch, ScaleInfo
 
 
 class Normalizer:
@@ -23,28 +24,26 @@ class Normalizer:
     graph can capture :meth:`apply` together with the model (:meth:`Engine.infer_normalized`): the
     scaling then reads its numbers from a small tensor (:attr:`params`), so one graph serves every scene
     of a dtype, and the main thread launches one graph instead of a handful of kernels per batch.
+
+    ``scale``: the scene's stretch (default: ``src.scale``, measured now if it is not yet).
+    ``upload_stream``: a CUDA stream for the host-to-device copies (owned by the caller, the
+    :class:`~rs_detect.executor.SceneExecutor`); None copies on the current stream.
     """
 
-    def __init__(self, src: RasterSource, device: torch.device, dtype: torch.dtype, fill_value: float = 0.0) -> None:
+    def __init__(self, src: RasterSource, device: torch.device, dtype: torch.dtype, fill_value: float = 0.0,
+                 scale: ScaleInfo | None = None, upload_stream: torch.cuda.Stream | None = None) -> None:
         self.device, self.dtype = device, dtype
         self.combine = src.plan.combine
         self.channels = src.channels
-        self._src = src  # the stretch is read on first use: it may still be measured while tiles decode
-        self._scaling: tuple[float, float] | None = None
+        s = scale if scale is not None else src.scale
+        #: (low, gain) of the scene-wide stretch: x -> (x - low) * gain
+        self.scaling = (float(s.low), 1.0 / float(s.high - s.low))
         self._params: torch.Tensor | None = None
         self.fill = float(fill_value)
         lut = src.lut
         self.lut = None if lut is None else torch.from_numpy(np.ascontiguousarray(lut)).to(device)
         self.luma = torch.from_numpy(LUMA).to(device)
-        self._stream: torch.cuda.Stream | None = None
-
-    @property
-    def scaling(self) -> tuple[float, float]:
-        """(low, gain) of the scene-wide stretch: x -> (x - low) * gain."""
-        if self._scaling is None:
-            s = self._src.scale
-            self._scaling = (float(s.low), 1.0 / float(s.high - s.low))
-        return self._scaling
+        self._stream = upload_stream
 
     @property
     def params(self) -> torch.Tensor:
@@ -67,14 +66,13 @@ class Normalizer:
     def upload(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw pixels and validity on the engine's device, ready on its current stream.
 
-        On a GPU the copies run on a stream of their own: the copy engine moves the next batch while
-        the SMs still run this one's inference, and the engine's stream only waits for an event
-        (engine-only speed has no upload to pay; end-to-end should not pay it either).
+        With an upload stream the copies run there: the copy engine moves the next batch while the SMs
+        still run this one's inference, and the engine's stream only waits for the copies.
         """
         if self.device.type != "cuda":
             return batch.data, batch.valid
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.device)
+            return batch.data.to(self.device, non_blocking=True), None if batch.valid is None else batch.valid.to(self.device, non_blocking=True)
         consumer = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._stream):
             raw = batch.data.to(self.device, non_blocking=True)

@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 from rasterio.crs import CRS
 
 from rs_detect.errors import OutputError, RsDetectError
-from rs_detect.io.reader import RasterSource, ScaleConfig
+from rs_detect.io.reader import RasterSource
+from rs_detect.types import ScaleConfig
 from rs_detect.style import class_colours
 from rs_detect.types import Detections
 
@@ -324,15 +325,23 @@ def render_preview(
 def render_result_preview(result: SceneResult, out_path: Path | None = None, **kwargs: Any) -> PreviewLayout:
     """The preview of one pipeline run (the batch-friendly call: everything comes from ``result``).
 
-    Uses the run's class names, band plan and exact stretch from ``result.metadata``; the default
-    path is ``<output stem>.preview.png`` beside the output (beside the scene when there is none).
+    Uses the run's class names, band plan and exact stretch (the result's own, else those recorded in
+    ``result.metadata``); the default path is ``<output stem>.preview.png`` beside the output (beside
+    the scene when there is none).
     """
     meta = result.metadata or {}
-    names = list(meta.get("classes") or [])
+    if result.plan is not None and result.band_plan is not None and result.scale is not None:
+        names = list(result.plan.engine.classes)
+        s = result.scale
+        source = {"channels": result.band_plan.channels, "bands": result.band_plan.indexes,
+                  "scale": ScaleConfig(method="fixed", low=s.low, high=s.high)}
+    else:
+        names = list(meta.get("classes") or [])
+        source = _source_args_from_metadata(meta)
     if not names:
         raise ValueError("the result's metadata has no class names")
     path = out_path or default_preview_path(result.output or result.scene)
-    return render_preview(result.scene, result.detections, names, path, **{**_source_args_from_metadata(meta), **kwargs})
+    return render_preview(result.scene, result.detections, names, path, **{**source, **kwargs})
 
 
 def check_preview_writable(path: Path) -> None:

@@ -53,19 +53,28 @@ class Tile:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """Model-ready images [N, C, H, W] (float32 or float16) and the tiles they hold."""
+class RawBatch:
+    """Raw pixels [N, bands, S, S] in the file's dtype (pinned host memory when feeding a GPU), their
+    validity [N, S, S] (None: every pixel valid) and the tiles they hold, in slot order."""
 
-    images: np.ndarray
+    data: torch.Tensor
+    valid: torch.Tensor | None
     tiles: tuple[Tile, ...]
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[0] != len(self.tiles):
-            raise ValueError(f"batch images {self.images.shape} do not match {len(self.tiles)} tiles")
+        if self.data.ndim != 4 or self.data.shape[0] != len(self.tiles):
+            raise ValueError(f"batch data {tuple(self.data.shape)} does not match {len(self.tiles)} tiles")
 
     @property
     def size(self) -> int:
         return len(self.tiles)
+
+
+@dataclass(frozen=True)
+class SkippedTile:
+    """A tile that holds no valid pixel (all nodata): it never reaches the engine, only the counts."""
+
+    tile: Tile
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,16 @@ class Detections:
         from rs_detect.postprocess.geometry import obb_to_aabb
 
         return obb_to_aabb(self.boxes)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How to scale: ``auto`` (uint8: /255, else percentile), ``percentile`` or ``fixed``."""
+
+    method: Literal["auto", "percentile", "fixed"] = "auto"
+    low: float | None = None
+    high: float | None = None
+    percentiles: tuple[float, float] = (2.0, 98.0)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from rasterio.enums import ColorInterp as CI
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import Config
 from rs_detect.errors import ConfigError, InputError
-from rs_detect.io.prefetch import RawBatch, SlabReader, reset_slab_peak, slab_memory, window_batches
+from rs_detect.executor import measure_scale
+from rs_detect.io.prefetch import SlabReader, reset_slab_peak, slab_memory, window_batches
 from rs_detect.io.reader import RasterSource, ScaleConfig, add_counts, percentiles, percentiles_from_counts, plan_bands, value_counts
 from rs_detect.io.tiling import iter_tiles
 from rs_detect.pipeline import ScenePipeline
 from rs_detect.preprocess import Normalizer
+from rs_detect.types import RawBatch
 
 
 @pytest.mark.parametrize(
@@ -48,11 +50,17 @@ def test_band_plan_refusals() -> None:
         plan_bands(1, (CI.gray,), 4, None, "s.tif")
 
 
+def cut_batches(src: RasterSource, tiles, pool: ThreadPoolExecutor, *args: object, **kwargs: object):
+    """``window_batches`` with a cutter pool of two threads of its own (the executor's, in a run)."""
+    with ThreadPoolExecutor(2, thread_name_prefix="rs-cut") as cutters:
+        yield from window_batches(src, tiles, pool, *args, cutters=cutters, **kwargs)
+
+
 def normalize(path: Path, **kw: object) -> tuple[torch.Tensor, RasterSource]:
     src = RasterSource(path, **kw)
     tile = next(iter_tiles(src.width, src.height, 256, 32))
     with ThreadPoolExecutor(2) as pool:
-        (batch,) = list(window_batches(src, [tile], pool, 4, 256, pin=False, depth=1, threads=2))
+        (batch,) = list(cut_batches(src, [tile], pool, 4, 256, pin=False, depth=1, threads=2))
     assert isinstance(batch, RawBatch)
     return Normalizer(src, torch.device("cpu"), torch.float32, fill_value=0.0)(batch)[0], src
 
@@ -116,7 +124,7 @@ def test_rgb_luminance_and_palette(tmp_path: Path) -> None:
 
 def _all_batches(src: RasterSource, tiles: list, size: int, batch: int = 3, threads: int = 3) -> list:
     with ThreadPoolExecutor(threads) as pool:
-        return list(window_batches(src, tiles, pool, batch, size, pin=False, depth=2, threads=threads))
+        return list(cut_batches(src, tiles, pool, batch, size, pin=False, depth=2, threads=threads))
 
 
 @pytest.mark.parametrize("private_mapping", [True, False], ids=["platform", "no-mmap"])
@@ -162,7 +170,7 @@ def test_slab_memory_is_bounded_by_the_width_never_the_height_and_freed(tmp_path
         slab_rows = SlabReader(src, None, 3).rows  # type: ignore[arg-type]  # the pool is not used to size
         reset_slab_peak()
         with ThreadPoolExecutor(3) as pool:
-            n = sum(b.size for b in window_batches(src, tiles, pool, batch, size, pin=False, depth=depth, threads=3,
+            n = sum(b.size for b in cut_batches(src, tiles, pool, batch, size, pin=False, depth=depth, threads=3,
                                                     stride=size - overlap))
         src.close()
         assert n == len(tiles)
@@ -333,7 +341,7 @@ def test_stretch_sample_windows_decode_one_block_each_and_match_the_scene(tmp_pa
     img = (rng.gamma(2.0, 400.0, (2600, 3000)) + 300).clip(0, 65535).astype(np.uint16)
     for layout in ({"tiled": True}, {"tiled": False, "blockysize": 8}):
         src = RasterSource(write_tif(tmp_path / f"s{len(layout)}.tif", img, **layout))
-        jobs = src._sample_plan()
+        jobs = src.sample_plan()
         bh, bw = src.block_shapes[0]
         if src.is_striped:  # a job per grid row: one full-width read for its 8 windows
             assert len(jobs) == 8 and all(len(cols) == 8 for _, _, cols in jobs)
@@ -370,7 +378,7 @@ def test_striped_stretch_sample_reads_a_few_strips_at_a_time_and_samples_the_win
             return real.read(*args, window=window, **kwargs)
 
     monkeypatch.setattr(src, "_dataset", lambda: Spy())
-    jobs = src._sample_plan()
+    jobs = src.sample_plan()
     sample = np.concatenate([src._sample_part(job) for job in jobs])
     want = np.concatenate([img[y : y + h, x : x + w].ravel() for y, h, cols in jobs for x, w in cols])
     assert np.array_equal(np.sort(sample), np.sort(want))
@@ -436,7 +444,7 @@ def test_handles_for_reader_threads_are_opened_up_front_and_taken_on_first_read(
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(lambda _: (together.wait(), src._dataset())[1], range(3)))
         assert len({id(ds) for ds in got}) == 3 and not src._spare  # each took a spare
-        list(window_batches(src, list(iter_tiles(700, 600, 256, 32)), pool, 2, 256, pin=False, depth=1, threads=3))
+        list(cut_batches(src, list(iter_tiles(700, 600, 256, 32)), pool, 2, 256, pin=False, depth=1, threads=3))
     assert len(src._handles) == 4  # reading the scene on those threads opened no other handle
     src.close()
     assert not src._handles
@@ -489,10 +497,10 @@ def test_a_scene_run_trims_the_heap_once_its_threads_are_gone(tmp_path: Path, mo
     """Between the scenes of a batch run the freed slabs' pages go back to the OS: one trim after the pools end."""
     import threading
 
-    from rs_detect import pipeline as pipeline_module
+    from rs_detect import executor as executor_module
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(pipeline_module, "trim_heap", lambda: seen.append([t.name for t in threading.enumerate()]) or True)
+    monkeypatch.setattr(executor_module, "trim_heap", lambda: seen.append([t.name for t in threading.enumerate()]) or True)
     scene = write_tif(tmp_path / "s.tif", np.random.default_rng(2).integers(0, 255, (600, 700)).astype(np.uint8))
     ScenePipeline(FakeEngine(256), Config(read_threads=2)).run(scene)
     assert len(seen) == 1
@@ -510,7 +518,7 @@ def test_cuda_upload_stream_gives_the_cpu_input(tmp_path: Path) -> None:
     cpu = Normalizer(src, torch.device("cpu"), torch.float32)
     gpu = Normalizer(src, torch.device("cuda"), torch.float16)
     with ThreadPoolExecutor(2) as pool:
-        batches = list(window_batches(src, iter_tiles(900, 700, 256, 32), pool, 4, 256, pin=True, depth=2, threads=2))
+        batches = list(cut_batches(src, iter_tiles(900, 700, 256, 32), pool, 4, 256, pin=True, depth=2, threads=2))
     outs = [gpu(b) for b in batches]  # all queued before any is read back
     for b, out in zip(batches, outs):
         assert out.dtype == torch.float16 and out.device.type == "cuda"
@@ -528,7 +536,8 @@ def test_background_scale_matches_and_overlaps_the_first_reads(tmp_path: Path, m
     path = write_tif(tmp_path / "s.tif", (rng.gamma(2.0, 300.0, (1300, 1500)) + 200).astype(np.uint16))
     want = RasterSource(path).scale
     assert want.method == "percentile"
-    assert RasterSource(path, background_scale=True).scale == want
+    with ThreadPoolExecutor(2) as pool:
+        assert measure_scale(RasterSource(path), pool).result(timeout=30) == want
 
     # the statistics wait until a tile has been read: a pipeline that measured them first would hang
     first_read = threading.Event()
@@ -562,42 +571,48 @@ def test_background_scale_is_computed_by_the_reader_threads_and_matches(tmp_path
     path = write_tif(tmp_path / "s.tif", img.astype(dtype), tiled=tiled)
     want = RasterSource(path).scale
     threads: list[str] = []
-    real = RasterSource._scale_from_parts
+    real = RasterSource.scale_info
 
     def record(self: RasterSource, *a: object) -> object:
         threads.append(threading.current_thread().name)
         return real(self, *a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(RasterSource, "_scale_from_parts", record)
+    monkeypatch.setattr(RasterSource, "scale_info", record)
+    src = RasterSource(path, handles=3)
+    assert len(src.sample_plan()) > 1
     with ThreadPoolExecutor(3, thread_name_prefix="rs-read") as pool:
-        src = RasterSource(path, background_scale=True, handles=3, pool=pool)
-        assert src._sample_jobs is not None and len(src._sample_jobs) > 1
-        assert src._scale_job is not None and src._scale_job.result(timeout=30) == want  # without src.scale
-        assert src.scale == want and threads and all(t.startswith("rs-read") for t in threads)
-        src.close()
+        job = measure_scale(src, pool)
+        assert job.result(timeout=30) == want  # without src.scale
+        assert threads and all(t.startswith("rs-read") for t in threads)
+    src.close()
 
 
-def test_closing_while_the_stretch_is_measured_cancels_it_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_shutting_down_while_the_stretch_is_measured_cancels_it_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     import threading
     from concurrent.futures import CancelledError
 
     path = write_tif(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 4000, (2300, 2600)).astype(np.uint16))
     release = threading.Event()
     real = RasterSource._sample_part
+    running: list[bool] = []
 
     def slow(self: RasterSource, job: object) -> np.ndarray:
+        running.append(True)
         assert release.wait(timeout=20)
+        running.pop()
         return real(self, job)  # type: ignore[arg-type]
 
     monkeypatch.setattr(RasterSource, "_sample_part", slow)
-    with ThreadPoolExecutor(1) as pool:
-        src = RasterSource(path, background_scale=True, handles=1, pool=pool)
-        threading.Timer(0.2, release.set).start()
-        src.close()  # cancels the queued jobs, waits for the running one
-        assert src._scale_job is not None and src._scale_job.cancelled()
-        with pytest.raises(CancelledError):
-            src._scale_job.result(timeout=1)
+    src = RasterSource(path, handles=1)
+    pool = ThreadPoolExecutor(1)
+    job = measure_scale(src, pool)
+    threading.Timer(0.2, release.set).start()
+    pool.shutdown(wait=True, cancel_futures=True)  # cancels the queued jobs, waits for the running one
+    assert not running  # no read is running when the source closes
+    src.close()
+    with pytest.raises(CancelledError):
+        job.result(timeout=1)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
@@ -608,11 +623,16 @@ def test_background_scale_error_reaches_the_caller_as_one_line(tmp_path: Path, m
         raise InputError(f"{self.path}: read failed while measuring the scene's value range (boom)")
 
     monkeypatch.setattr(RasterSource, "_sample_part", broken)
-    src = RasterSource(path, background_scale=True)  # opening does not wait for the statistics
-    with pytest.raises(InputError, match="s.tif: read failed while measuring"):
-        src.scale
+    src = RasterSource(path)  # opening does not wait for the statistics
+    with ThreadPoolExecutor(1) as pool:
+        job = measure_scale(src, pool)
+        with pytest.raises(InputError, match="s.tif: read failed while measuring"):
+            job.result(timeout=30)
     src.close()
     with pytest.raises(InputError, match="measuring the scene's value range"):
         ScenePipeline(FakeEngine(imgsz=512), Config(batch_size=2)).run(path)
-    # uint8 needs no statistics: nothing runs in the background
-    assert RasterSource(write_tif(tmp_path / "u8.tif", np.zeros((60, 70), dtype=np.uint8)), background_scale=True)._scale_job is None
+    # uint8 needs no statistics: nothing is queued, the scaling is known at once
+    u8 = RasterSource(write_tif(tmp_path / "u8.tif", np.zeros((60, 70), dtype=np.uint8)))
+    with ThreadPoolExecutor(1) as pool:
+        job = measure_scale(u8, pool)
+        assert job.done() and job.result().method == "divide"

@@ -29,6 +29,14 @@ class DefaultGroup(click.Group):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Ctrl-C that no command handled itself: one line and exit 130 (not click's ``Aborted!``, exit 1)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+
 
 class _EchoHandler(logging.Handler):
     """One line per record on the *current* stderr (click's runner swaps it in tests)."""

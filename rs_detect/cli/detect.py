@@ -11,10 +11,18 @@ import click
 from rs_detect.cli.options import build_config, scene_options
 from rs_detect.errors import RsDetectError
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 def fail(exc: RsDetectError) -> None:
     click.echo(f"error: {' '.join(str(exc).split())}", err=True)
     sys.exit(1)
+
+
+def interrupted(scene: Path) -> None:
+    """Ctrl-C: every thread of the run has stopped (the executor's shutdown) and nothing was written."""
+    click.echo(f"error: {scene}: interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @click.command()
@@ -24,27 +32,36 @@ def fail(exc: RsDetectError) -> None:
 @click.option("--preview", "preview", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Also write a quick-look PNG with the detections drawn [default path: <output stem>.preview.png "
                    "beside the output]. Give it after SCENE, or as --preview=PATH.")
+@click.option("--dry-run", "dry_run", is_flag=False, flag_value="json", default=None, type=click.Choice(["json", "yaml"]),
+              metavar="[json|yaml]", help="Print the resolved settings (the run plan) and exit: the model's metadata is "
+                                          "read, nothing is inferred or written. Give it after SCENE, or as --dry-run=yaml.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 def detect(scene: Path, output: Path | None, model: Path | None, config_path: Path | None, quiet: bool,
-           classes: tuple[str, ...] | None, preview: str | None, **flags: Any) -> None:
+           classes: tuple[str, ...] | None, preview: str | None, dry_run: str | None, **flags: Any) -> None:
     """Detect planes and ships in SCENE (a GeoTIFF or any raster GDAL reads)."""
-    from rs_detect.engines import load_engine
-    from rs_detect.pipeline import ScenePipeline
-    from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
-
     try:
+        from rs_detect.engines import load_engine
+        from rs_detect.executor import SceneExecutor
+        from rs_detect.pipeline import file_sha256
+        from rs_detect.plan import resolve_plan
+        from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
+
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
         out = output or scene.with_suffix(".geojson")
         if not scene.exists():
             raise RsDetectError(f"{scene}: no such file")
         preview_path = None if preview is None else Path(preview) if preview else default_preview_path(out)
-        if preview_path is not None:
+        if preview_path is not None and dry_run is None:
             check_preview_writable(preview_path)
         model_path = cfg.model_path()
         model_yaml = Path(cfg.model_meta) if isinstance(cfg.model_meta, str) else cfg.model_meta
         engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
-        pipeline = ScenePipeline(engine, cfg, model_path)
-        result = pipeline.run(scene, out, progress=not quiet and sys.stderr.isatty())
+        plan = resolve_plan(cfg, engine, model_path, file_sha256(model_path) if model_path.is_file() else None)
+        if dry_run is not None:
+            click.echo(plan.dumps(dry_run).rstrip())
+            return
+        executor = SceneExecutor(plan, engine)
+        result = executor.run(scene, out, progress=not quiet and sys.stderr.isatty())
         if not quiet:
             click.echo(result.summary())
         if preview_path is not None:  # after the detections are safely written: a failure here loses nothing
@@ -53,3 +70,5 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
                 click.echo(f"preview -> {shown.path} ({shown.seconds:.1f} s)")
     except RsDetectError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        interrupted(scene)

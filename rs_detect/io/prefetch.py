@@ -16,24 +16,21 @@ dtype here; scaling runs later on the engine's device.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import torch
 from rasterio.windows import Window
 
 from rs_detect import memory
+from rs_detect.config import cutter_threads  # noqa: F401  (re-exported: the default the plan resolves)
 from rs_detect.io.reader import RasterSource
-from rs_detect.types import Tile
-
-T = TypeVar("T")
+from rs_detect.types import RawBatch, SkippedTile, Tile
 
 TORCH_DTYPES = {
     np.dtype(np.uint8): torch.uint8,
@@ -46,35 +43,11 @@ TORCH_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class RawTile:
-    tile: Tile
-    data: np.ndarray  # [bands, h, w] in the file's dtype
-    valid: np.ndarray | None  # [h, w] bool, None = all valid
-
-    @property
-    def empty(self) -> bool:
-        return self.valid is not None and not self.valid.any()
-
-
-@dataclass(frozen=True)
-class RawBatch:
-    """Raw pixels [N, bands, S, S] (pinned host memory when feeding a GPU) and validity [N, S, S]."""
-
-    data: torch.Tensor
-    valid: torch.Tensor | None
-    tiles: tuple[Tile, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.tiles)
-
-
 SLAB_ROWS = 256  # the smallest slab: whole blocks or strips of at least this many rows
 MAX_SLAB_ROWS = 1024  # a block taller than this (one strip for a whole image) is read in bands anyway
 PART_BYTES = 2 << 20  # striped files: decode jobs of whole strips, about this many bytes of pixels
-PARTS_PER_THREAD = 1  # tiled files: column parts of a slab's row of blocks per reader thread (2 made twice the
-# reads, each holding the GIL for its Python part: YOLOv8n on the H200 went from 0.64 to 0.68-0.72 of engine speed with 1)
+PARTS_PER_THREAD = 1  # tiled files: column parts of a slab's row of blocks per reader thread (2 make twice the
+# reads, each holding the GIL for its Python part, and measured slower)
 
 
 _slab_lock = threading.Lock()
@@ -287,42 +260,25 @@ class SlabReader:
             self.slabs.clear()
 
 
-def cutter_threads(threads: int) -> int:
-    """Cutter threads for ``threads`` reader threads: half as many (a cut is mostly a copy without the
-    GIL; on the H200, 6 cutters for 12 readers were as fast as 12, and every thread more is one more
-    waiting for the GIL that the engine's and the post-processing threads need)."""
-    return max(2, threads // 2)
-
-
-def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
-    """Start all of ``pool``'s threads now (a pool starts them one per submit, as it needs them).
-
-    Started while the process is quiet they take microseconds; started by the first submits they
-    start while the readers hold the GIL: on the H200 the first batch's cuts began 6 to 40 ms late.
-    """
-    barrier = threading.Barrier(threads)
-    for f in [pool.submit(barrier.wait, 10) for _ in range(threads)]:
-        f.result()
-    return pool
-
-
 def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
-                   size: int, pin: bool, depth: int, threads: int, cutters: ThreadPoolExecutor | None = None,
-                   stride: int | None = None) -> Iterator[RawBatch | RawTile]:
+                   size: int, pin: bool, depth: int, threads: int, cutters: ThreadPoolExecutor,
+                   stride: int | None = None) -> Iterator[RawBatch | SkippedTile]:
     """Batches of tiles in scene order, ``depth`` batches ahead, each block of the scene decoded once.
 
-    ``pool`` (of ``threads`` threads) decodes slab parts; ``cutters``, a second pool (by default one of
-    :func:`cutter_threads` threads, of its own), cuts windows into the batch slots (a cut waits for its
-    slab parts, so the two must not share threads). At GPU speeds one thread copying tiles into
-    batches would itself be the bottleneck (gigabytes per second). ``stride``, the tiler's row step
-    (tile size less overlap; None: ``size``), bounds the read-ahead to the next row of windows.
+    ``pool`` (of ``threads`` threads) decodes slab parts; ``cutters``, a second pool, cuts windows
+    into the batch slots (a cut waits for its slab parts, so the two must not share threads). At GPU
+    speeds one thread copying tiles into batches would itself be the bottleneck (gigabytes per
+    second). ``stride``, the tiler's row step (tile size less overlap; None: ``size``), bounds the
+    read-ahead to the next row of windows. Both pools belong to the caller
+    (:class:`rs_detect.executor.SceneExecutor`); this generator only queues jobs on them. Closed
+    early, it cancels its queued jobs and waits for its running cuts (they hold its slabs); decodes
+    still running finish in the reader pool, which the caller shuts down before closing ``src``.
     """
     reader = SlabReader(src, pool, threads)
     tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
     bands = reader.bands
     pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor | None, list[Future[tuple[bool, bool]]]]] = deque()
     lookahead = 0  # slabs started so far: [0, lookahead)
-    cut_pool = ThreadPoolExecutor(cutter_threads(threads), thread_name_prefix="rs-cut") if cutters is None else cutters
 
     def start(group: list[Tile]) -> None:
         nonlocal lookahead
@@ -339,17 +295,17 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         masked = src.has_mask or any((t.height, t.width) != (size, size) for t in group)
         valid = torch.empty((n, size, size), dtype=torch.bool, pin_memory=pin) if masked else None
         d, v = data.numpy(), None if valid is None else valid.numpy()
-        futs = [cut_pool.submit(reader.cut, t, reader.hold(t), d[i], None if v is None else v[i]) for i, t in enumerate(group)]
+        futs = [cutters.submit(reader.cut, t, reader.hold(t), d[i], None if v is None else v[i]) for i, t in enumerate(group)]
         reader.pass_before(reader.span(group[-1])[0])
         pending.append((group, data, valid, futs))
 
-    def finish() -> Iterator[RawBatch | RawTile]:
+    def finish() -> Iterator[RawBatch | SkippedTile]:
         group, data, valid, futs = pending.popleft()
         flags = [f.result() for f in futs]
         keep = [i for i, (empty, _) in enumerate(flags) if not empty]
         for i, (empty, _) in enumerate(flags):
             if empty:
-                yield RawTile(group[i], np.zeros((bands, 0, 0), dtype=src.dtype), np.zeros((0, 0), dtype=bool))
+                yield SkippedTile(group[i])
         if not keep:
             return
         needs_mask = any(flags[i][1] for i in keep)
@@ -384,51 +340,5 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
         for *_, futs in pending:
             for f in futs:
                 f.cancel()
-        if cutters is None:  # its own pool
-            cut_pool.shutdown(wait=True, cancel_futures=True)
-        else:  # a shared pool: wait for this scene's running cuts only (they hold its slabs)
-            wait([f for *_, futs in pending for f in futs])
+        wait([f for *_, futs in pending for f in futs])  # the running cuts (they hold the slabs)
         reader.cancel()
-
-
-_DONE = object()
-
-
-def in_background(items: Iterable[T], maxsize: int, name: str = "rs-producer") -> Iterator[T]:
-    """Run an iterator in a thread, ``maxsize`` items ahead; exceptions re-raise in the consumer."""
-    q: queue.Queue[object] = queue.Queue(maxsize=max(1, maxsize))
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)

@@ -1,24 +1,15 @@
 """RasterSource: owns the open scene, maps its bands to the model's channels, scales pixels to [0, 1].
 
-Band mapping rule (documented in the README):
-
-* ``--bands`` given: those bands (1-based). As many as the model has channels are used directly; one band
-  for a 3-channel model is replicated; three bands for a 1-channel model are combined as luminance
-  (0.299 R + 0.587 G + 0.114 B, in the order given).
-* not given, 1-channel model: a paletted band is expanded through its colour table to luminance; a
-  scene whose colour interpretation names red, green and blue is combined as luminance of those bands
-  (whatever their order in the file); otherwise band 1 (with a warning when the scene has more).
-* not given, 3-channel model: red, green, blue by colour interpretation, else bands 1-3; a 1-band
-  scene is replicated.
-* alpha bands are never data: they (and nodata values, NaN, internal or sidecar masks) become the mask.
-
-Scaling: uint8 divides by 255. Other types use one scene-wide percentile stretch (2-98 % by default)
-measured on a decimated read (overviews when present, else a grid of sample windows), so every tile
-sees the same scaling; ``scale: {method: fixed, low, high}`` sets it by hand. Nodata pixels are
-filled with a constant after scaling.
+Band mapping: :mod:`rs_detect.io.bands`. Scaling: uint8 divides by 255. Other types use one
+scene-wide percentile stretch (2-98 % by default, :mod:`rs_detect.io.stretch`) measured on a
+decimated read (overviews when present, else a grid of sample windows), so every tile sees the same
+scaling; ``scale: {method: fixed, low, high}`` sets it by hand. Nodata pixels are filled with a
+constant after scaling.
 
 Reads are windowed and thread safe: each thread gets its own dataset handle (rasterio handles must
-not be shared across threads, and GDAL releases the GIL while decoding).
+not be shared across threads, and GDAL releases the GIL while decoding). This module starts no
+thread: the threads that read through a source belong to :class:`rs_detect.executor.SceneExecutor`,
+which finishes them all before the source closes.
 """
 
 from __future__ import annotations
@@ -27,165 +18,30 @@ import logging
 import os
 import threading
 import warnings
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
+from rs_detect.io.bands import LUMA, BandPlan, Combine, plan_bands
+from rs_detect.io.stretch import add_counts, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
 from rs_detect.memory import mapped_array
-from rs_detect.types import ScaleInfo
+from rs_detect.types import ScaleConfig, ScaleInfo
+
+__all__ = ["LUMA", "BandPlan", "Combine", "RasterSource", "ScaleConfig", "add_counts", "gdal_message", "percentile_stretch",
+           "percentiles", "percentiles_from_counts", "plan_bands", "value_counts"]
 
 log = logging.getLogger(__name__)
 
-# GDAL caches decoded blocks up to 5 % of RAM by default: on a 24 GiB machine that is over 1 GiB of
-# resident memory that grows with the scene until the cap. The pipeline decodes every block once, into
-# slabs of its own (io.prefetch), so the cache has nothing to share: keep it small. A GDAL_CACHEMAX
-# the user set is never overridden.
-os.environ.setdefault("GDAL_CACHEMAX", "16")
 STATS_GRID = 8  # sample windows per axis for the percentile stretch
-STATS_THREADS = 4
 STATS_WINDOW = 256
 STATS_CHUNK_BYTES = 4 << 20  # striped files: a grid row's full-width band is read in whole strips of about this size
-
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-Combine = Literal["direct", "luminance", "replicate", "palette"]
-
-
-@dataclass(frozen=True)
-class ScaleConfig:
-    """How to scale: ``auto`` (uint8: /255, else percentile), ``percentile`` or ``fixed``."""
-
-    method: Literal["auto", "percentile", "fixed"] = "auto"
-    low: float | None = None
-    high: float | None = None
-    percentiles: tuple[float, float] = (2.0, 98.0)
-
-
-@dataclass(frozen=True)
-class BandPlan:
-    indexes: tuple[int, ...]
-    combine: Combine
-    channels: int
-    note: str = ""
-
-
-def plan_bands(
-    count: int,
-    colorinterp: tuple[ColorInterp, ...],
-    channels: int,
-    bands: tuple[int, ...] | None,
-    name: str,
-) -> BandPlan:
-    """Which raster bands feed which model channels (see the module docstring for the rule)."""
-    if bands:
-        bad = [b for b in bands if not 1 <= b <= count]
-        if bad:
-            raise InputError(f"{name}: band {bad[0]} out of range (the scene has {count} band{'s' if count != 1 else ''})")
-        if len(bands) == channels:
-            combine: Combine = "palette" if channels == 1 and colorinterp[bands[0] - 1] == ColorInterp.palette else "direct"
-            return BandPlan(tuple(bands), combine, channels)
-        if len(bands) == 1 and channels == 3:
-            return BandPlan(tuple(bands), "replicate", channels)
-        if len(bands) == 3 and channels == 1:
-            return BandPlan(tuple(bands), "luminance", channels, "luminance of the given bands")
-        raise InputError(f"{name}: --bands gives {len(bands)} band(s) but the model takes {channels} channel(s)")
-
-    data = [i + 1 for i in range(count) if colorinterp[i] != ColorInterp.alpha] or [1]
-    rgb_ci = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
-    rgb = tuple(colorinterp.index(ci) + 1 for ci in rgb_ci) if all(ci in colorinterp for ci in rgb_ci) else None
-    if channels == 1:
-        if colorinterp[data[0] - 1] == ColorInterp.palette:
-            return BandPlan((data[0],), "palette", 1, "palette expanded to luminance")
-        if rgb is not None:
-            return BandPlan(rgb, "luminance", 1, "luminance of the red, green and blue bands")
-        if len(data) > 1:
-            log.warning("%s: %d bands and a 1-channel model: using band %d (choose another with --bands)", name, len(data), data[0])
-        return BandPlan((data[0],), "direct", 1)
-    if channels == 3:
-        if rgb is not None:
-            return BandPlan(rgb, "direct", 3)
-        if len(data) >= 3:
-            return BandPlan(tuple(data[:3]), "direct", 3)
-        return BandPlan((data[0],), "replicate", 3, "one band replicated to 3 channels")
-    if len(data) < channels:
-        raise InputError(f"{name}: the model takes {channels} channels but the scene has {len(data)} data band(s)")
-    return BandPlan(tuple(data[:channels]), "direct", channels)
-
-
-def value_counts(values: np.ndarray) -> tuple[int, np.ndarray] | None:
-    """``(base, counts)`` of 8/16-bit integers: ``counts[v - base]`` values equal ``v``, where ``base`` is
-    the dtype's smallest value (0 unsigned), so that counts of any samples of one dtype add up index by
-    index. None for any other dtype."""
-    if values.dtype.kind not in "ui" or values.dtype.itemsize > 2:
-        return None
-    base = int(np.iinfo(values.dtype).min)
-    return base, np.bincount(values.astype(np.int32) - base if base else values, minlength=1)
-
-
-def percentiles_from_counts(base: int, counts: np.ndarray, dtype: np.dtype, qs: tuple[float, ...] | list[float]) -> np.ndarray:
-    """``np.percentile`` (linear) of the values that ``counts`` (from :func:`value_counts`) counts.
-
-    The order statistics around each percentile come from the cumulative counts and are interpolated
-    exactly as numpy interpolates them, so the result is the same to the last bit.
-    """
-    cum = np.cumsum(counts)
-    n = int(cum[-1])
-    q = np.true_divide(qs, 100)
-    virtual = (n - 1) * q  # numpy's virtual index for the linear method
-    prev = np.floor(virtual)
-    top = virtual >= n - 1  # numpy takes index -1 (the largest value) twice, and its gamma from -1
-    gamma = virtual - np.where(top, -1, prev)
-    prev[top] = n - 1
-    nxt = np.where(top, n - 1, prev + 1)
-
-    def order_stat(k: np.ndarray) -> np.ndarray:  # the k-th smallest value, in the sample's dtype
-        return (np.searchsorted(cum, k, side="right") + base).astype(dtype)
-
-    a, b = order_stat(prev), order_stat(nxt)
-    diff = b - a  # numpy's _lerp, step by step
-    out = np.add(a, diff * gamma)
-    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
-    return out
-
-
-def percentiles(values: np.ndarray, qs: tuple[float, ...] | list[float]) -> np.ndarray:
-    """``np.percentile(values, qs)`` (linear), from a histogram where the values are 8/16-bit integers.
-
-    A sample of a scene holds millions of values, and the first batch waits for the stretch: counting
-    them (``np.bincount``) takes a quarter of the time of the partial sort ``np.percentile`` does.
-    """
-    counted = value_counts(values) if values.size else None
-    if counted is None:
-        return np.asarray(np.percentile(values, qs), dtype=np.float64)
-    return percentiles_from_counts(*counted, values.dtype, qs)
-
-
-def add_counts(parts: list[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
-    """The counts of several samples of one dtype (:func:`value_counts`) as one."""
-    total = np.zeros(max(len(c) for _, c in parts), dtype=np.int64)
-    for _, counts in parts:
-        total[: len(counts)] += counts
-    return parts[0][0], total
-
-
-def percentile_stretch(sample: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
-    """(low, high) of a percentile stretch of ``sample``; a flat sample gets high = low + 1."""
-    return _stretch_bounds(percentiles(sample, qs))
-
-
-def _stretch_bounds(low_high: np.ndarray) -> tuple[float, float]:
-    lo, hi = (float(v) for v in low_high)
-    return lo, (hi if hi > lo else lo + 1.0)
 
 
 class RasterSource:
@@ -198,20 +54,16 @@ class RasterSource:
         bands: tuple[int, ...] | None = None,
         scale: ScaleConfig = ScaleConfig(),
         fill_value: float = 0.0,
-        background_scale: bool = False,
         handles: int = 0,
-        pool: ThreadPoolExecutor | None = None,
     ) -> None:
-        """``background_scale``: measure the scene-wide stretch while the first tiles decode;
-        :attr:`scale` waits for it (and re-raises its error) on first use. With ``pool`` (the reader
-        threads' pool) its sample reads are queued there now, one job per sample window, ahead of
-        any tile: all the reader threads measure it first, and the first batch, which waits for it,
-        comes sooner (on the H200 four threads of its own took 0.12 s of a 32k scene's start, under
-        the tile reads' contention). Without a pool it runs in threads of its own.
+        """``handles``: dataset handles to open now, one after another, for that many reader threads:
+        opened by many threads at once, rasterio handles take about 20 times longer (each open hands the
+        GIL back and forth); these are taken by threads on their first read.
 
-        ``handles``: dataset handles to open now, one after another, for that many reader threads
-        (plus the stretch's threads): opened by many threads at once, rasterio handles take about 20 times
-        longer (each open hands the GIL back and forth); these are taken by threads on their first read.
+        Nothing here starts a thread. The stretch (:attr:`scale`) is measured on first use, in the
+        calling thread; a caller with reader threads runs the :meth:`sample_plan` jobs there instead
+        (:func:`rs_detect.executor.measure_scale`). Close the source only once every thread that reads
+        through it has finished (the executor's shutdown order).
         """
         self.path = Path(path)
         self.name = self.path.name
@@ -238,61 +90,17 @@ class RasterSource:
         flags = [ds.mask_flag_enums[i - 1] for i in self.plan.indexes]
         self.has_mask = any(f != [MaskFlags.all_valid] for f in flags) or self.dtype.kind == "f"
         self._lut = self._palette_lut(ds) if self.plan.combine == "palette" else None
+        self.scale_config = scale
         self._scale: ScaleInfo | None = None
-        self._scale_cfg = scale
-        self._scale_job: Future[ScaleInfo] | None = None
-        self._sample_jobs: list[Future[np.ndarray]] | None = None
-        background = background_scale and self._needs_statistics(scale)
-        for _ in range(max(0, handles) + (STATS_THREADS if background and pool is None else 0)):
+        for _ in range(max(0, handles)):
             self._spare.append(self._open())
-        if background and pool is not None:
-            self._sample_jobs = [pool.submit(self._sample_summary, job) for job in self._sample_plan()]
-            self._scale_job = Future()
-            self._sampled = 0
-            for f in self._sample_jobs:
-                f.add_done_callback(self._when_sampled)
-        elif background:
-            self._scale_pool = ThreadPoolExecutor(1, thread_name_prefix="rs-scale")
-            self._scale_job = self._scale_pool.submit(lambda: self._scale_info(scale))
-            self._scale_pool.shutdown(wait=False)
-        else:
-            self._scale = self._scale_info(scale)
 
     @property
     def scale(self) -> ScaleInfo:
-        """The scene-wide scaling (waits for the background measurement, if one is running)."""
+        """The scene-wide scaling, measured in this thread on first use (sequential sample reads)."""
         if self._scale is None:
-            assert self._scale_job is not None
-            self._scale = self._scale_job.result()
+            self._scale = self.scale_info()
         return self._scale
-
-    def _sample_summary(self, job: tuple[int, int, list[tuple[int, int]]]) -> np.ndarray | tuple[int, np.ndarray]:
-        """One sample job's valid values, counted where they are 8/16-bit integers (in the job's thread)."""
-        values = self._sample_part(job)
-        return value_counts(values) or values
-
-    def _when_sampled(self, _: Future[np.ndarray | tuple[int, np.ndarray]]) -> None:
-        """A sample job ended: the thread that ends the last one computes the stretch, right away.
-
-        Not the first batch's thread when it asks for it: on the H200 that thread waited about 35 ms
-        for the stretch of a 32k scene after its first batch was cut, the GPU idle meanwhile (adding 4
-        million values into a histogram, between the reader and cutter threads' turns for the GIL).
-        Each job counts its own values now, and the last one adds 64 small histograms.
-        """
-        assert self._sample_jobs is not None and self._scale_job is not None
-        with self._lock:
-            self._sampled += 1
-            if self._sampled < len(self._sample_jobs):
-                return
-        try:
-            try:
-                info = self._scale_from_parts([f.result() for f in self._sample_jobs], self._scale_cfg)
-            except BaseException as exc:  # a read error, or the jobs cancelled by close()
-                self._scale_job.set_exception(exc)
-            else:
-                self._scale_job.set_result(info)
-        except InvalidStateError:  # close() cancelled the stretch itself first
-            pass
 
     # -- dataset handles ---------------------------------------------------------------------------
 
@@ -303,9 +111,9 @@ class RasterSource:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 ds = rasterio.open(self.path)
         except RasterioIOError as exc:
-            raise InputError(f"{self.path}: not a readable raster ({_one_line(exc)})") from None
+            raise InputError(f"{self.path}: not a readable raster ({gdal_message(exc)})") from None
         except RasterioError as exc:
-            raise InputError(f"{self.path}: cannot open ({_one_line(exc)})") from None
+            raise InputError(f"{self.path}: cannot open ({gdal_message(exc)})") from None
         with self._lock:
             self._handles.append(ds)
         return ds
@@ -322,14 +130,7 @@ class RasterSource:
         return ds
 
     def close(self) -> None:
-        if self._scale is None:  # the stretch's jobs hold dataset handles: let them finish before the handles close
-            for job in [self._scale_job, *(self._sample_jobs or [])]:
-                if job is not None:
-                    job.cancel()
-                    try:
-                        job.exception()
-                    except CancelledError:
-                        pass
+        """Close every handle (only once no thread reads through this source any more)."""
         with self._lock:
             for ds in self._handles:
                 ds.close()
@@ -366,44 +167,42 @@ class RasterSource:
             lut[k] = 0.299 * r + 0.587 * g + 0.114 * b
         return lut
 
-    def _needs_statistics(self, cfg: ScaleConfig) -> bool:
+    def needs_statistics(self, cfg: ScaleConfig | None = None) -> bool:
         """Percentile stretch (asked for, or auto on anything but uint8 and palettes): a sample read."""
+        cfg = cfg or self.scale_config
         return cfg.method == "percentile" or (cfg.method == "auto" and not (self.dtype == np.uint8 or self.plan.combine == "palette"))
 
-    def _scale_info(self, cfg: ScaleConfig) -> ScaleInfo:
+    def scale_info(self, parts: list[np.ndarray | tuple[int, np.ndarray]] | None = None) -> ScaleInfo:
+        """The scaling :attr:`scale_config` asks for. A stretch comes from ``parts`` (the
+        :meth:`sample_summary` of every :meth:`sample_plan` job) when given, else from sample reads
+        made now, in this thread, one after another."""
+        cfg = self.scale_config
         if cfg.method == "fixed":
             if cfg.low is None or cfg.high is None or not cfg.high > cfg.low:
                 raise InputError(f"{self.path}: fixed scaling needs low < high, got {cfg.low}..{cfg.high}")
             return ScaleInfo("fixed", float(cfg.low), float(cfg.high))
-        if not self._needs_statistics(cfg):
+        if not self.needs_statistics(cfg):
             return ScaleInfo("divide", 0.0, 255.0)
-        return self._scale_from(self._stats_sample(), cfg)
-
-    def _scale_from_parts(self, parts: list[np.ndarray | tuple[int, np.ndarray]], cfg: ScaleConfig) -> ScaleInfo:
-        """The stretch from the sample jobs' results: all counts (8/16-bit integers), or all values."""
+        if parts is None:
+            parts = [self.sample_summary(job) for job in self.sample_plan()]
         counted = [p for p in parts if isinstance(p, tuple)]
         if not counted:
-            return self._scale_from(np.concatenate([p for p in parts if not isinstance(p, tuple)]), cfg)
+            sample = np.concatenate([p for p in parts if not isinstance(p, tuple)])
+            if sample.size == 0:
+                return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
+            return ScaleInfo("percentile", *percentile_stretch(sample, cfg.percentiles), cfg.percentiles)
         assert len(counted) == len(parts)
         base, counts = add_counts(counted)
         if not counts.any():
             return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-        return ScaleInfo("percentile", *_stretch_bounds(percentiles_from_counts(base, counts, self.dtype, cfg.percentiles)), cfg.percentiles)
+        return ScaleInfo("percentile", *stretch_bounds(percentiles_from_counts(base, counts, self.dtype, cfg.percentiles)), cfg.percentiles)
 
-    def _scale_from(self, sample: np.ndarray, cfg: ScaleConfig) -> ScaleInfo:
-        if sample.size == 0:
-            return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-        return ScaleInfo("percentile", *percentile_stretch(sample, cfg.percentiles), cfg.percentiles)
+    def sample_summary(self, job: tuple[int, int, list[tuple[int, int]]]) -> np.ndarray | tuple[int, np.ndarray]:
+        """One sample job's valid values, counted where they are 8/16-bit integers (any thread)."""
+        values = self._sample_part(job)
+        return value_counts(values) or values
 
-    def _stats_sample(self) -> np.ndarray:
-        """Valid combined-channel values from a decimated read: overviews if any, else sample windows."""
-        jobs = self._sample_plan()
-        if len(jobs) == 1:
-            return self._sample_part(jobs[0])
-        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, STATS_THREADS), thread_name_prefix="rs-stats") as pool:
-            return np.concatenate(list(pool.map(self._sample_part, jobs)))
-
-    def _sample_plan(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    def sample_plan(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
         """The stretch's sample reads, as (row_off, height, [(col_off, width), ...]) jobs.
 
         With overviews, or a scene of at most 2048 pixels, one decimated read of the whole scene (an
@@ -443,10 +242,9 @@ class RasterSource:
                 return self._valid_values(ds.read(self.plan.indexes, out_shape=shape, resampling=Resampling.nearest, masked=self.has_mask))
             if self.is_striped:
                 # the grid row's strips, each decoded once for all of its windows, a few at a time: read
-                # whole, a 256-row band of a 32k-wide uint16 scene is 16 MB, and 8 of them at once put
-                # 190 MB on the peak of the scene's first second (H200, benchmarks/results/h200_h_*).
-                # Each band's windows are taken in one indexing step: every Python step between reads
-                # waits for the GIL, which the reader and cutter threads hold most of the time
+                # whole, a 256-row band of a 32k-wide uint16 scene is 16 MB, and 8 of them at once would
+                # add over 100 MB to the peak of the scene's first second. Each band's windows are taken
+                # in one indexing step: every Python step between reads waits for the GIL
                 row_bytes = self.width * len(self.plan.indexes) * self.dtype.itemsize
                 strip = self.block_shapes[0][0]
                 step = max(strip, STATS_CHUNK_BYTES // max(row_bytes, 1) // strip * strip)
@@ -464,7 +262,7 @@ class RasterSource:
                 return np.concatenate(parts)
             return np.concatenate([self._valid_values(ds.read(self.plan.indexes, window=Window(x, y, w, h), masked=self.has_mask)) for x, w in cols])
         except RasterioError as exc:
-            raise InputError(f"{self.path}: read failed while measuring the scene's value range ({_one_line(exc)})") from None
+            raise InputError(f"{self.path}: read failed while measuring the scene's value range ({gdal_message(exc)})") from None
 
     def _valid_values(self, arr: np.ndarray | np.ma.MaskedArray) -> np.ndarray:
         """The valid values of the model's channels, flat: raw integers where the bands pass through
@@ -523,7 +321,7 @@ class RasterSource:
         except RasterioError as exc:
             raise InputError(
                 f"{self.path}: read failed at window col={int(window.col_off)} row={int(window.row_off)} "
-                f"({_one_line(exc)})"
+                f"({gdal_message(exc)})"
             ) from None
         return raw, valid
 
@@ -540,3 +338,12 @@ class RasterSource:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def gdal_message(exc: BaseException) -> str:
+    """``exc`` in one line, with GDAL's own reason where rasterio only says "See previous exception"
+    (rasterio chains GDAL's error as the cause: e.g. "IReadBlock failed at X offset 0, Y offset 2")."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc and "previous exception" in str(exc):
+        return _one_line(cause)
+    return _one_line(exc)

@@ -1,0 +1,356 @@
+"""SceneExecutor: the one owner of a scene run's threads, queues, CUDA streams and events.
+
+Every other stage is a synchronous call that starts no thread (reader, cutter, normaliser, engine,
+decode, stitch); this module decides which thread runs which, bounds what waits between them, and
+stops them all, in one order, on success, on error and on Ctrl-C. The flow of one scene::
+
+    main thread      open RasterSource (N+1 handles) --- start pools ------------------------------+
+                                                                                                  |
+    rs-read  x N     [stretch sample jobs]  [slab part decodes: RasterSource.read_raw into slabs] |
+                        |  the thread that ends the last sample job computes the stretch          |
+                        v                          v (each cut waits for its slab parts)          |
+    rs-cut   x M                               SlabReader.cut: window -> slot of a (pinned) batch |
+                                                   |                                              |
+    rs-batches x 1   window_batches(): queues decodes and cuts, at most `read_ahead` batches      |
+                     ahead; hands finished RawBatch / SkippedTile over through                    |
+                     queue `handover` (maxsize plan.execution.handover)                           |
+                                                   |                                              |
+    main thread      Normalizer.upload [upload stream] -> engine.infer_normalized [current stream] |
+                     -> event `ready` recorded; decode job queued                                 |
+                                                   |  at most `decode_ahead` batches in flight    |
+    rs-post  x 1     waits on `ready`; TileDecoder (decode, NMS, to scene) [decode stream]        |
+                                                   |                                              |
+    main thread      stitch_scene -> georeference -> write_detections (temporary name, rename) <--+
+
+CUDA (only when the engine runs on a GPU): two streams made here, once per executor. The *upload*
+stream copies batch N+1 from pinned memory while the engine's current stream still runs batch N;
+the current stream waits for the copy (``wait_stream``). After each inference the main thread
+records a blocking event ``ready`` on the current stream; the post thread sleeps on it, and decodes
+on the *decode* stream, which waits for that event only (never for the batches queued behind it).
+A backend may keep a stream of its runtime's own inside its engine (TensorRT's execution context);
+it orders itself against the current stream at both ends of ``infer``.
+
+Stopping: whatever ends the scene (the last batch, an exception in any thread, re-raised in the main
+thread, or KeyboardInterrupt in the main thread) leaves :meth:`_Threads.__exit__`, which, in order,
+(1) stops the ``rs-batches`` thread and has it close its generator (queued cuts and decodes
+cancelled, running cuts awaited), (2) cancels queued decode jobs and joins ``rs-post``, (3) shuts
+the cutter pool down and (4) the reader pool, each waiting for the jobs already running. Only then
+does :meth:`SceneExecutor.run` close the dataset: no thread reads a dataset that has closed.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rs_detect import __version__
+from rs_detect.engines.base import Engine
+from rs_detect.io.prefetch import window_batches
+from rs_detect.io.reader import RasterSource
+from rs_detect.io.tiling import iter_tiles, tile_count
+from rs_detect.io.writer import check_writable, write_detections
+from rs_detect.memory import HeapTrimmer, trim_heap
+from rs_detect.plan import ExecutionPlan, RunPlan, run_metadata
+from rs_detect.preprocess import Normalizer
+from rs_detect.stages import SceneResult, Thresholds, TileDecoder, georeference, stitch_scene
+from rs_detect.types import Detections, RawBatch, RunStats, ScaleInfo, SkippedTile, Tile
+
+T = TypeVar("T")
+TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+_DONE = object()
+
+
+def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
+    """Start all of ``pool``'s threads now (a pool starts them one per submit, as it needs them).
+
+    Started while the process is quiet they take microseconds; started by the first submits they
+    start while the readers hold the GIL, and the first batch's cuts begin late. On any interruption
+    the barrier is broken, so no thread waits out its timeout.
+    """
+    barrier = threading.Barrier(threads)
+    futures = [pool.submit(barrier.wait, 10) for _ in range(threads)]
+    try:
+        for f in futures:
+            f.result()
+    except BaseException:
+        barrier.abort()
+        raise
+    return pool
+
+
+def measure_scale(src: RasterSource, pool: ThreadPoolExecutor) -> Future[ScaleInfo]:
+    """The scene's stretch, measured by ``pool``'s threads while the first tiles decode.
+
+    One job per sample window (or grid row) is queued now, ahead of any tile; each counts its own
+    values, and the thread that ends the last one adds the counts up and sets the result: nobody waits
+    for it, and the first batch, which needs it, finds it ready. Scalings that need no sample are
+    resolved at once.
+    """
+    out: Future[ScaleInfo] = Future()
+    if not src.needs_statistics():
+        try:
+            out.set_result(src.scale_info())
+        except Exception as exc:  # e.g. fixed scaling with low >= high: raised where the result is asked for
+            out.set_exception(exc)
+        return out
+    jobs = [pool.submit(src.sample_summary, job) for job in src.sample_plan()]
+    lock, left = threading.Lock(), [len(jobs)]
+
+    def ended(_: Future[object]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            out.set_result(src.scale_info([j.result() for j in jobs]))
+        except BaseException as exc:  # a read error, or the jobs cancelled at shutdown
+            out.set_exception(exc)
+
+    for j in jobs:
+        j.add_done_callback(ended)
+    return out
+
+
+class Producer(Generic[T]):
+    """Drains an iterator in a thread of its own, ``maxsize`` items ahead of the consumer.
+
+    Exceptions re-raise in the consumer. :meth:`stop` ends the thread and, in that thread, closes the
+    iterator (so its ``finally`` runs: a generator cancels and awaits what it queued).
+    """
+
+    def __init__(self, items: Iterable[T], maxsize: int, name: str) -> None:
+        self._items = items
+        self._q: queue.Queue[object] = queue.Queue(maxsize=max(1, maxsize))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        it = iter(self._items)
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            item = self._q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+
+
+class _Threads:
+    """The pools of one scene, and their shutdown in order (see the module docstring)."""
+
+    def __init__(self, ex: ExecutionPlan) -> None:
+        self.ex = ex
+        self.readers = ThreadPoolExecutor(ex.read_threads, thread_name_prefix="rs-read")
+        self.cutters = ThreadPoolExecutor(ex.cutter_threads, thread_name_prefix="rs-cut")
+        self.post = ThreadPoolExecutor(1, thread_name_prefix="rs-post")
+        self.producer: Producer[RawBatch | SkippedTile] | None = None
+        self.decoding: deque[tuple[Future[Detections], int]] = deque()
+
+    def __enter__(self) -> _Threads:
+        try:
+            prestart(self.readers, self.ex.read_threads)
+            prestart(self.cutters, self.ex.cutter_threads)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def produce(self, batches: Iterable[RawBatch | SkippedTile]) -> Producer[RawBatch | SkippedTile]:
+        self.producer = Producer(batches, self.ex.handover, name="rs-batches")
+        return self.producer
+
+    def __exit__(self, *exc: object) -> None:
+        if self.producer is not None:
+            self.producer.stop()
+        for fut, _ in self.decoding:
+            fut.cancel()
+        self.post.shutdown(wait=True, cancel_futures=True)
+        self.cutters.shutdown(wait=True, cancel_futures=True)
+        self.readers.shutdown(wait=True, cancel_futures=True)
+
+
+class SceneExecutor:
+    """Runs scenes through one loaded engine with one resolved plan (load once, run many)."""
+
+    def __init__(self, plan: RunPlan, engine: Engine, warmup: bool = True) -> None:
+        self.plan, self.engine, self.meta = plan, engine, engine.meta
+        self.thresholds = Thresholds(plan, self.meta)
+        self.decoder = TileDecoder(plan, self.meta, self.thresholds)
+        self._upload_stream: torch.cuda.Stream | None = None
+        self._decode_stream: torch.cuda.Stream | None = None
+        if engine.device.type == "cuda":
+            self._upload_stream = torch.cuda.Stream(device=engine.device)
+            self._decode_stream = torch.cuda.Stream(device=engine.device)
+        if warmup:
+            engine.warmup(plan.engine.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
+
+    def run(self, scene: Path, output: Path | None = None, progress: bool = False) -> SceneResult:
+        start = time.perf_counter()
+        scene = Path(scene)
+        if output is not None:
+            check_writable(output)
+        stats = RunStats()
+        ex, sp = self.plan.execution, self.plan.scaling
+        import rasterio
+
+        with rasterio.Env(GDAL_CACHEMAX=ex.gdal_cachemax_mb) if ex.gdal_cachemax_mb else nullcontext():
+            t_open = time.perf_counter()
+            stats.add_time("setup", t_open - start)
+            src = RasterSource(scene, channels=sp.channels, bands=sp.bands, scale=sp.scale, fill_value=sp.nodata_fill,
+                               handles=ex.read_threads)
+            stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing
+            try:
+                with _Threads(ex) as threads:
+                    parts, scale = self._infer_scene(src, threads, stats, progress)
+                # every thread is done with the dataset now; it closes in the finally below
+                t0 = time.perf_counter()
+                merged = stitch_scene(parts, self.plan, self.meta, self.thresholds)
+                frame = georeference(merged, self.plan, self.meta, src.transform, src.crs, scene.name)
+                stats.add_time("stitch", time.perf_counter() - t0)
+                facts = {
+                    "scene": scene.name, "scene_size": [src.width, src.height],
+                    "coordinates": "pixel" if src.crs is None else self.plan.output.crs, "georeferencing": src.georef,
+                    "bands": list(src.plan.indexes), "band_combine": src.plan.combine, "scale": scale.as_dict(),
+                }
+                band_plan = src.plan
+            finally:
+                src.close()
+        # the scene's slabs, batches and decode buffers are all free now: hand their pages back before the next scene
+        trim_heap()
+        names = self.meta.names
+        for cid in merged.class_ids.tolist():
+            stats.per_class[names[cid]] = stats.per_class.get(names[cid], 0) + 1
+        stats.seconds = time.perf_counter() - start
+        facts["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
+        facts["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
+        meta = run_metadata(self.plan, facts, f"rs-detect {__version__}")
+        if output is not None:
+            t0 = time.perf_counter()
+            write_detections(frame, output, meta)
+            stats.add_time("write", time.perf_counter() - t0)
+            stats.seconds = time.perf_counter() - start
+        return SceneResult(scene, output, frame, merged, stats, meta, self.plan, band_plan, scale)
+
+    def _infer_scene(self, src: RasterSource, threads: _Threads, stats: RunStats, progress: bool) -> tuple[list[Detections], ScaleInfo]:
+        """Read, infer and decode every tile (main thread: upload and inference); the detections of each batch."""
+        plan, ex = self.plan, self.plan.execution
+        tiling, eng = plan.tiling, plan.engine
+        scale_job = measure_scale(src, threads.readers)  # queued ahead of any tile
+        stats.tiles_total = tile_count(src.width, src.height, tiling.tile_size, tiling.overlap)
+        tiles = iter_tiles(src.width, src.height, tiling.tile_size, tiling.overlap, src.transform)
+        batches = window_batches(src, tiles, threads.readers, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
+                                 ex.read_threads, threads.cutters, stride=tiling.stride)
+        norm: Normalizer | None = None
+        parts: list[Detections] = []
+        bar = tqdm(total=stats.tiles_total, unit="tile", desc=src.name, disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        decoding = threads.decoding
+
+        def collect() -> None:
+            fut, n = decoding.popleft()
+            dets = fut.result()
+            parts.append(dets)
+            stats.tiles_read += n
+            stats.detections_raw += int(self.thresholds.passing(dets).sum())
+            bar.update(n)
+            bar.set_postfix(detections=stats.detections_raw, refresh=False)
+
+        trim = HeapTrimmer()
+        with bar:
+            t_wait = time.perf_counter()
+            for item in threads.produce(batches):
+                waited = time.perf_counter() - t_wait
+                stats.add_time("wait_for_reader", waited)
+                if "first_batch" not in stats.stage_seconds:
+                    stats.add_time("first_batch", waited)  # the engine's idle start: part of wait_for_reader
+                if isinstance(item, SkippedTile):
+                    stats.tiles_skipped += 1
+                    bar.update(1)
+                    t_wait = time.perf_counter()
+                    continue
+                if norm is None:  # the stretch is ready by now, or soon: its sample jobs were queued first
+                    norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], plan.scaling.nodata_fill,
+                                      scale=scale_job.result(), upload_stream=self._upload_stream)
+                t0 = time.perf_counter()
+                raw = self.engine.infer_normalized(*norm.upload(item), norm)
+                ready = None
+                if raw.is_cuda:
+                    ready = torch.cuda.Event(blocking=True)
+                    ready.record()
+                stats.add_time("infer", time.perf_counter() - t0)
+                # decode + NMS of this batch overlap the next batch's inference
+                decoding.append((threads.post.submit(self._postprocess, raw, item.tiles, stats, ready), item.size))
+                while len(decoding) > ex.decode_ahead:
+                    collect()
+                trim()
+                t_wait = time.perf_counter()
+            t0 = time.perf_counter()
+            while decoding:
+                collect()
+            stats.add_time("drain", time.perf_counter() - t0)  # decoding the last batches after the last inference
+        return parts, scale_job.result()
+
+    def _postprocess(self, raw: torch.Tensor, tiles: tuple[Tile, ...], stats: RunStats,
+                     ready: torch.cuda.Event | None = None) -> Detections:
+        """Decode + NMS + shift to scene pixels (the post thread); on a GPU, on the decode stream.
+
+        Decoding has data-dependent shapes, so it synchronises its stream. On the engine's stream that
+        would wait for every batch queued behind this one and let the GPU run dry; on the decode stream
+        it waits for this batch's ``ready`` event alone. The thread sleeps on that event (a blocking
+        one) rather than spinning in the decode's synchronisation, which would keep a core busy.
+        """
+        t0 = time.perf_counter()
+        if ready is None or self._decode_stream is None:
+            out = self.decoder(raw, tiles)
+        else:
+            ready.synchronize()
+            with torch.cuda.stream(self._decode_stream):
+                self._decode_stream.wait_event(ready)
+                raw.record_stream(self._decode_stream)
+                out = self.decoder(raw, tiles)
+        stats.add_time("postprocess", time.perf_counter() - t0)
+        return out
