@@ -204,13 +204,30 @@ class _Threads:
         return self.producer
 
     def __exit__(self, *exc: object) -> None:
+        """Stop everything, in order; a second Ctrl-C meanwhile does not skip a step (the dataset closes
+        after this returns, so no thread may be left reading it), it is re-raised at the end."""
+        steps = [self._stop_producer, self._stop_post,
+                 lambda: self.cutters.shutdown(wait=True, cancel_futures=True),
+                 lambda: self.readers.shutdown(wait=True, cancel_futures=True)]
+        interrupted = False
+        for step in steps:
+            while True:
+                try:
+                    step()
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True
+        if interrupted and not any(isinstance(e, KeyboardInterrupt) for e in exc):
+            raise KeyboardInterrupt
+
+    def _stop_producer(self) -> None:
         if self.producer is not None:
             self.producer.stop()
+
+    def _stop_post(self) -> None:
         for fut, _ in self.decoding:
             fut.cancel()
         self.post.shutdown(wait=True, cancel_futures=True)
-        self.cutters.shutdown(wait=True, cancel_futures=True)
-        self.readers.shutdown(wait=True, cancel_futures=True)
 
 
 class SceneExecutor:

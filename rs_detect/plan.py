@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rs_detect.config import Config, auto_prefetch, auto_read_threads, cutter_threads
-from rs_detect.errors import ConfigError
+from rs_detect.errors import ConfigError, ModelError
+from rs_detect.postprocess.decode import DecodeParams
 from rs_detect.types import ScaleConfig
 
 if TYPE_CHECKING:
@@ -142,21 +143,14 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
     """The one place where defaults are filled in and cross-field rules are checked (ConfigError)."""
     meta = engine.meta
     names = list(meta.names)
-
-    def known(what: str, classes: tuple[str, ...] | None) -> None:
-        unknown = [c for c in classes or () if c not in names]
-        if unknown:
-            hint = "; [] disables the step" if what == "exclusive_classes" else ""
-            raise ConfigError(f"{what}: unknown class {unknown[0]!r} (model classes: {', '.join(names)}{hint})")
-
     tile = config.tile_size or meta.imgsz
     if tile > meta.imgsz:
         raise ConfigError(f"tile size {tile} is larger than the model input {meta.imgsz}")
     if config.overlap >= tile:
         raise ConfigError(f"overlap {config.overlap} must be smaller than the tile size {tile}")
-    known("--classes", config.classes)
-    known("conf_by_class", tuple(config.conf_by_class))
-    known("exclusive_classes", config.exclusive_classes)
+    unknown = [c for c in config.exclusive_classes or () if c not in names]
+    if unknown:
+        raise ConfigError(f"exclusive_classes: unknown class {unknown[0]!r} (model classes: {', '.join(names)}; [] disables the step)")
 
     batch = meta.max_batch if not meta.dynamic_batch else max(1, min(config.batch_size or engine.preferred_batch, meta.max_batch))
     device = engine.device.type
@@ -166,6 +160,10 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
     # the user set --conf; the user's per-class thresholds win
     conf = config.conf if config.conf is not None else (meta.conf if meta.conf is not None else DEFAULT_CONF)
     by_class = {**(dict(meta.conf_by_class) if config.conf is None else {}), **config.conf_by_class}
+    try:  # class names (--classes, conf_by_class) as the decoder reads them: a mistake of the settings
+        DecodeParams.build(meta, conf, by_class, config.classes)
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from None
 
     return RunPlan(
         tiling=TilingPlan(tile, config.overlap, config.edge_margin),

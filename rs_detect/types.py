@@ -118,6 +118,11 @@ class Detections:
     ``boxes`` is [K, 4] (x1, y1, x2, y2) for ``task == "detect"`` and [K, 5] (cx, cy, w, h, angle in
     radians) for ``task == "obb"``. ``frame`` is ``"tile"`` (pixels of the tile's input) or
     ``"scene"`` (pixels of the whole raster). ``cut`` marks boxes touching an interior tile edge.
+
+    ``tile_ids`` says which tile a box came from, in the terms of its frame: in ``"tile"`` frame the
+    position of its tile in the batch that was decoded (what per-tile NMS groups by and what
+    :func:`~rs_detect.postprocess.stitch.to_scene` looks the tile up with); in ``"scene"`` frame the
+    tile's :attr:`Tile.index` in the scene. ``to_scene`` is the one step from the first to the second.
     """
 
     boxes: torch.Tensor
