@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
-from rs_detect import synthetic as syn
 from rs_detect.cli.synth import synth
 from rs_detect.io.tiling import axis_starts
+from rs_detect_synth import scene as syn
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1100, 900  # two tiler windows across, one down
@@ -204,7 +204,7 @@ def test_render_chip_needs_neither_rasterio_nor_geopandas() -> None:
         "for m in ('rasterio', 'geopandas', 'pyogrio', 'shapely', 'pyproj'):\n"
         "    sys.modules[m] = None\n"
         "import numpy as np\n"
-        "from rs_detect.synthetic import render_chip\n"
+        "from rs_detect_synth import render_chip\n"
         "img, objs = render_chip(np.random.default_rng(0), size=128)\n"
         "print(img.shape)\n"
     )
@@ -437,3 +437,20 @@ def test_cli_unwritable_directory_fails_with_one_line(tmp_path: Path, where: str
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {parent / 'x.tif'}")
+
+
+def test_runtime_package_does_not_import_the_synthetic_package() -> None:
+    """The renderer is a lab tool: loading the CLI and running ``--help`` leaves it unimported."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from rs_detect.cli import cli\n"
+        "import rs_detect.pipeline, rs_detect.batch, rs_detect.engines\n"
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rs_detect_synth')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    importers = [p.relative_to(REPO).as_posix() for p in (REPO / "rs_detect").rglob("*.py") if "rs_detect_synth" in p.read_text()]
+    assert importers == ["rs_detect/cli/synth.py"]

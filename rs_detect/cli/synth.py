@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
-from rs_detect.synthetic import DTYPE_LEVELS, SceneDtype, SceneTruth, default_truth_path, write_scene
+if TYPE_CHECKING:
+    from rs_detect_synth import SceneTruth
 
 
 @click.command("synth")
@@ -30,6 +31,9 @@ def synth(out: Path, width: int, height: int, seed: int, truth: Path | None, dty
     The truth holds one rotated rectangle per object in the scene's CRS, with pixel attributes, and
     marks the objects that straddle the 1024/192 tiler's window edges.
     """
+    # the renderer lives outside the runtime package; only this command imports it
+    from rs_detect_synth import DTYPE_LEVELS, SceneDtype, default_truth_path, write_scene
+
     truth = truth or default_truth_path(out)
     if dtype not in DTYPE_LEVELS:
         raise click.ClickException(f"--dtype must be uint8 or uint16, got {dtype!r}")
