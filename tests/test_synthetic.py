@@ -251,7 +251,7 @@ def test_scene_is_georeferenced_tiled_and_compressed(scene: syn.SceneTruth) -> N
         data = src.read(1)
     assert data.min() >= 5 and data.max() <= 250 and data.max() - data.min() > 150
     assert scene.crs == "EPSG:32633" and scene.transform == tuple(from_origin(500000.0, 4500000.0, 0.5, 0.5))[:6]
-    assert not list(scene.path.parent.glob(".*partial"))
+    assert not list(scene.path.parent.glob(".*"))  # no temporary file left behind
 
 
 def test_striped_scene_has_full_width_strips(tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_cli_bad_arguments_fail_with_one_line(tmp_path: Path, args: list[str], m
     result = CliRunner().invoke(synth, [str(tmp_path / "x.tif"), "--width", "100", "--height", "100", *args])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'x.tif'}: ") and message in lines[0]
     assert not (tmp_path / "x.tif").exists()
 
 
@@ -436,7 +436,7 @@ def test_cli_unwritable_directory_fails_with_one_line(tmp_path: Path, where: str
     result = CliRunner().invoke(synth, [str(parent / "x.tif"), "--width", "100", "--height", "100"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {parent / 'x.tif'}")
+    assert len(lines) == 1 and lines[0].startswith(f"error: {parent / 'x.tif'}: cannot write")
 
 
 def test_runtime_package_does_not_import_the_synthetic_package() -> None:

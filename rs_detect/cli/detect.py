@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from rs_detect.cli.options import build_config, scene_options
-from rs_detect.errors import RsDetectError
+from rs_detect.errors import RsDetectError, error_line
 
 
 def fail(exc: RsDetectError) -> None:
-    click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+    click.echo(error_line(exc), err=True)
     sys.exit(1)
 
 

@@ -30,21 +30,11 @@ import torch
 from rasterio.windows import Window
 
 from rs_detect import memory
+from rs_detect.dtypes import pixel_torch_dtype
 from rs_detect.io.reader import RasterSource
 from rs_detect.types import Tile
 
 T = TypeVar("T")
-
-TORCH_DTYPES = {
-    np.dtype(np.uint8): torch.uint8,
-    np.dtype(np.int8): torch.int8,
-    np.dtype(np.uint16): torch.uint16,
-    np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32,
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float32,
-}
-
 
 @dataclass(frozen=True)
 class RawTile:
@@ -318,7 +308,7 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
     (tile size less overlap; None: ``size``), bounds the read-ahead to the next row of windows.
     """
     reader = SlabReader(src, pool, threads)
-    tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
+    tdtype = pixel_torch_dtype(src.dtype)
     bands = reader.bands
     pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor | None, list[Future[tuple[bool, bool]]]]] = deque()
     lookahead = 0  # slabs started so far: [0, lookahead)

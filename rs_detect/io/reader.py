@@ -41,6 +41,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
+from rs_detect.errors import one_line as _one_line
 from rs_detect.memory import mapped_array
 from rs_detect.types import ScaleInfo
 
@@ -536,7 +537,3 @@ class RasterSource:
         data = self._combine(arr.astype(np.float32))
         s = self.scale
         return np.clip((data - s.low) / (s.high - s.low), 0, 1), f
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
