@@ -63,6 +63,24 @@ FILL_ALPHA = 40  # of 255: the box is tinted, the object under it stays visible
 OUTLINE_MM = 0.5
 LABEL_MAX_SCALE = 25000  # labels from 1:25 000 inwards: thousands of labels at full extent only clutter
 
+#: Field aliases QGIS shows in the attribute table, identify results and forms: the unit of each column.
+FIELD_ALIASES: dict[str, str] = {
+    "class_id": "class id (index into the model's classes)",
+    "class_name": "class (the model's name)",
+    "category": "category (plane, ship or other)",
+    "score": "score (0-1)",
+    "px_x1": "x1 (px, scene column)",
+    "px_y1": "y1 (px, scene row)",
+    "px_x2": "x2 (px, scene column)",
+    "px_y2": "y2 (px, scene row)",
+    "px_cx": "centre x (px)",
+    "px_cy": "centre y (px)",
+    "px_w": "width (px)",
+    "px_h": "height (px)",
+    "angle": "angle (degrees, clockwise from +x)",
+    "scene": "scene file",
+}
+
 
 def class_colours(names: Sequence[str]) -> dict[str, RGB]:
     """One colour per class name, stable across runs and models.
@@ -142,7 +160,9 @@ def _labeling(root: ET.Element) -> None:
     # placement 1 = "over point" at the centroid, quadrant 1 = above it: the label sits on the box's top
     ET.SubElement(settings, "placement", placement="1", quadOffset="1", dist="0", distUnits="MM",
                   centroidWhole="1", centroidInside="0", fitInPolygonOnly="0", offsetType="0")
-    ET.SubElement(settings, "rendering", scaleVisibility="1", scaleMin=str(LABEL_MAX_SCALE), scaleMax="0",
+    # QGIS writes its label scale range as scaleMin = maximumScale (the most zoomed-in limit, 0: none)
+    # and scaleMax = minimumScale (the most zoomed-out limit): labels from 1:LABEL_MAX_SCALE inwards
+    ET.SubElement(settings, "rendering", scaleVisibility="1", scaleMin="0", scaleMax=str(LABEL_MAX_SCALE),
                   obstacle="0", displayAll="0", upsidedownLabels="0", limitNumLabels="0", minFeatureSize="0")
 
 
@@ -154,7 +174,7 @@ def layer_qml(classes: Sequence[str], model_classes: Sequence[str] | None = None
     (empty value: QGIS's "all other values") draws any class the style does not list.
     """
     colours = class_colours(list(model_classes or classes))
-    root = ET.Element("qgis", version="3.28.0", styleCategories="Symbology|Labeling", labelsEnabled="1")
+    root = ET.Element("qgis", version="3.28.0", styleCategories="Symbology|Labeling|Fields", labelsEnabled="1")
     renderer = ET.SubElement(root, "renderer-v2", type="categorizedSymbol", attr="class_name",
                              symbollevels="0", forceraster="0", enableorderby="0", referencescale="-1")
     cats = ET.SubElement(renderer, "categories")
@@ -168,6 +188,9 @@ def layer_qml(classes: Sequence[str], model_classes: Sequence[str] | None = None
     ET.SubElement(renderer, "rotation")
     ET.SubElement(renderer, "sizescale")
     _labeling(root)
+    aliases = ET.SubElement(root, "aliases")
+    for field_name, alias in FIELD_ALIASES.items():
+        ET.SubElement(aliases, "alias", field=field_name, name=alias)  # QGIS matches by field name
     ET.SubElement(root, "blendMode").text = "0"
     ET.SubElement(root, "featureBlendMode").text = "0"
     ET.SubElement(root, "layerGeometryType").text = "2"  # polygon
@@ -249,6 +272,46 @@ def _geometry_column(conn: sqlite3.Connection, layer: str) -> str:
     return str(row[0])
 
 
+CREATE_DATA_COLUMNS = """
+CREATE TABLE IF NOT EXISTS "gpkg_data_columns" (
+    "table_name" TEXT NOT NULL,
+    "column_name" TEXT NOT NULL,
+    "name" TEXT,
+    "title" TEXT,
+    "description" TEXT,
+    "mime_type" TEXT,
+    "constraint_name" TEXT,
+    CONSTRAINT pk_gdc PRIMARY KEY (table_name, column_name),
+    CONSTRAINT gdc_tn UNIQUE (table_name, name)
+)
+"""
+CREATE_EXTENSIONS = """
+CREATE TABLE IF NOT EXISTS "gpkg_extensions" (
+    "table_name" TEXT,
+    "column_name" TEXT,
+    "extension_name" TEXT NOT NULL,
+    "definition" TEXT NOT NULL,
+    "scope" TEXT NOT NULL,
+    CONSTRAINT ge_tce UNIQUE (table_name, column_name, extension_name)
+)
+"""
+
+
+def _describe_columns(conn: sqlite3.Connection, layer: str) -> None:
+    """Each column's unit in the GeoPackage schema extension (``gpkg_data_columns``): GDAL 3.7+ reads
+    ``name`` as the field's alternative name (QGIS's alias) and ``description`` as its comment."""
+    present = {str(r[1]) for r in conn.execute(f'PRAGMA table_info("{layer}")')}
+    rows = [(layer, col, alias, alias, alias) for col, alias in FIELD_ALIASES.items() if col in present]
+    if not rows:
+        return
+    conn.execute(CREATE_DATA_COLUMNS)
+    conn.execute(CREATE_EXTENSIONS)
+    conn.execute("INSERT OR IGNORE INTO gpkg_extensions (table_name, column_name, extension_name, definition, scope) "
+                 "VALUES ('gpkg_data_columns', NULL, 'gpkg_schema', 'http://www.geopackage.org/spec121/#extension_schema', 'read-write')")
+    conn.execute("DELETE FROM gpkg_data_columns WHERE table_name = ?", (layer,))
+    conn.executemany("INSERT INTO gpkg_data_columns (table_name, column_name, name, title, description) VALUES (?, ?, ?, ?, ?)", rows)
+
+
 def _register_attributes_table(conn: sqlite3.Connection, now: str) -> None:
     """List ``layer_styles`` in gpkg_contents as QGIS/OGR do, so GeoPackage validators accept it."""
     conn.execute(
@@ -287,6 +350,7 @@ def write_gpkg_style(gpkg: Path, layer: str, qml: str, name: str = STYLE_NAME, d
                 (layer, geom, name, qml, description or f"{name} default style", now),
             )
             _register_attributes_table(conn, now)
+            _describe_columns(conn, layer)
     except OutputError as exc:
         raise OutputError(f"{gpkg}: {exc}") from None
     except sqlite3.Error as exc:

@@ -35,7 +35,9 @@ def scene(tmp_path: Path) -> Path:
 def test_default_command_writes_geojson_beside_the_scene(scene: Path, tiny_onnx: Path) -> None:
     res = run(scene, "--model", tiny_onnx, *TILE)
     assert res.exit_code == 0, res.output
-    out = scene.with_suffix(".geojson")
+    out = scene.with_name("scene.detections.geojson")
+    # the style QGIS loads for scene.detections.geojson (not for scene.tif, whose style would be scene.qml)
+    assert out.with_suffix(".qml").is_file() and not scene.with_suffix(".qml").exists()
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection" and "crs" not in doc  # RFC 7946: WGS84 implied
     assert len(doc["features"]) >= 2
@@ -98,13 +100,13 @@ def test_help_and_usage_errors() -> None:
 
 
 def test_missing_scene(tmp_path: Path, tiny_onnx: Path) -> None:
-    one_error_line(run(tmp_path / "nope.tif", "--model", tiny_onnx), "nope.tif", "no such file", outputs=(tmp_path / "nope.geojson",))
+    one_error_line(run(tmp_path / "nope.tif", "--model", tiny_onnx), "nope.tif", "no such file", outputs=(tmp_path / "nope.detections.geojson",))
 
 
 def test_not_a_raster(tmp_path: Path, tiny_onnx: Path) -> None:
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a raster\n")
-    one_error_line(run(bad, "--model", tiny_onnx, *TILE), "notes.tif", "not a readable raster", outputs=(tmp_path / "notes.geojson",))
+    one_error_line(run(bad, "--model", tiny_onnx, *TILE), "notes.tif", "not a readable raster", outputs=(tmp_path / "notes.detections.geojson",))
 
 
 def test_truncated_tiff(tmp_path: Path, tiny_onnx: Path) -> None:
@@ -112,18 +114,18 @@ def test_truncated_tiff(tmp_path: Path, tiny_onnx: Path) -> None:
     good = write_tif(tmp_path / "trunc.tif", rng.integers(0, 255, (600, 600), dtype=np.uint8))
     data = good.read_bytes()
     good.write_bytes(data[: len(data) // 2])
-    one_error_line(run(good, "--model", tiny_onnx, *TILE), "trunc.tif", outputs=(tmp_path / "trunc.geojson",))
+    one_error_line(run(good, "--model", tiny_onnx, *TILE), "trunc.tif", outputs=(tmp_path / "trunc.detections.geojson",))
 
 
 def test_band_out_of_range(scene: Path, tiny_onnx: Path) -> None:
-    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "--bands", "3"), "scene.tif", "band 3 out of range", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", tiny_onnx, *TILE, "--bands", "3"), "scene.tif", "band 3 out of range", outputs=(scene.with_name("scene.detections.geojson"),))
 
 
 def test_model_missing_or_not_a_model(scene: Path, tmp_path: Path) -> None:
     one_error_line(run(scene, "--model", tmp_path / "missing.onnx"), "missing.onnx", "not found")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage" * 10)
-    one_error_line(run(scene, "--model", junk), "junk.onnx", "not a loadable ONNX model", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", junk), "junk.onnx", "not a loadable ONNX model", outputs=(scene.with_name("scene.detections.geojson"),))
     one_error_line(run(scene, "--model", tmp_path / "m.xyz"), "unknown model format")
 
 
@@ -151,7 +153,7 @@ def test_unwritable_output(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None
 def test_unknown_config_key(scene: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("overlap: 16\nconfidence: 0.3\n")
-    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "bad.yaml", "unknown config key 'confidence'", outputs=(scene.with_suffix(".geojson"),))
+    one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "bad.yaml", "unknown config key 'confidence'", outputs=(scene.with_name("scene.detections.geojson"),))
     cfg.write_text("scale: {method: fixed, lo: 1}\n")
     one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "scale.lo")
 
@@ -162,10 +164,10 @@ def test_exclusive_classes_config(scene: Path, tiny_onnx: Path, tmp_path: Path) 
     cfg = tmp_path / "ex.yaml"
     cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_ios: 1.5\n")
     one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "exclusive_ios must be in [0, 1], got 1.5",
-                   outputs=(scene.with_suffix(".geojson"),))
+                   outputs=(scene.with_name("scene.detections.geojson"),))
     cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_classes: [plane, boat]\n")
     one_error_line(run(scene, "--model", tiny_onnx, "--config", cfg), "exclusive_classes: unknown class 'boat'", "model classes: plane, ship",
-                   outputs=(scene.with_suffix(".geojson"),))
+                   outputs=(scene.with_name("scene.detections.geojson"),))
     out = tmp_path / "ex.geojson"
     cfg.write_text("tile_size: 64\noverlap: 16\nexclusive_classes: []\n")
     res = run(scene, "--model", tiny_onnx, "--config", cfg, "-o", out)

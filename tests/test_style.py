@@ -88,6 +88,64 @@ def test_qml_has_one_category_per_class_and_score_labels() -> None:
     assert fill is not None and int(fill.get("value").split(",")[3]) < 128
 
 
+def label_visible(qml: str, scale_denominator: float) -> bool:
+    """Whether QGIS draws the labels at 1:``scale_denominator``, read the way QGIS reads the style.
+
+    QgsPalLayerSettings::readXml: ``scaleMin`` is ``maximumScale``, the most zoomed-in limit (0 = none),
+    ``scaleMax`` is ``minimumScale``, the most zoomed-out limit (0 = none); labels show where
+    maximumScale <= scale <= minimumScale (QgsScaleUtils::isZoomLevelVisible semantics).
+    """
+    root = ET.fromstring(qml)
+    if root.get("labelsEnabled") != "1":
+        return False
+    rendering = root.find("labeling/settings/rendering")
+    assert rendering is not None
+    if rendering.get("scaleVisibility", "0") != "1":
+        return True
+    most_in = float(rendering.get("scaleMin") or 0)  # maximumScale
+    most_out = float(rendering.get("scaleMax") or 0)  # minimumScale
+    return (most_in == 0 or scale_denominator >= most_in) and (most_out == 0 or scale_denominator <= most_out)
+
+
+def test_labels_show_from_1_25000_inwards(tmp_path: Path) -> None:
+    for qml in (layer_qml(["plane", "ship"], DOTA_CLASSES),
+                read_gpkg_style(write_detections(frame(), tmp_path / "d.gpkg", META), LAYER)):
+        assert qml is not None
+        rendering = ET.fromstring(qml).find("labeling/settings/rendering")
+        assert rendering is not None and float(rendering.get("scaleMin") or 0) == 0  # no zoomed-in limit
+        assert float(rendering.get("scaleMax") or 0) == 25000  # the zoomed-out limit
+        assert label_visible(qml, 5000) and label_visible(qml, 1000) and label_visible(qml, 25000)
+        assert not label_visible(qml, 50000)
+
+
+def test_columns_carry_their_units(tmp_path: Path) -> None:
+    aliases = {a.get("field"): a.get("name") for a in ET.fromstring(layer_qml(["plane"])).findall("aliases/alias")}
+    assert "0-1" in aliases["score"] and "px" in aliases["px_x1"] and "degrees" in aliases["angle"]
+    assert "Fields" in ET.fromstring(layer_qml(["plane"])).get("styleCategories", "").split("|")  # aliases are a Fields category
+    f = frame()
+    f["px_x1"] = [1.0, 2.0, 3.0]
+    out = write_detections(f, tmp_path / "d.gpkg", META)
+    with sqlite3.connect(out) as conn:
+        rows = dict(conn.execute("SELECT column_name, description FROM gpkg_data_columns WHERE table_name = ?", (LAYER,)).fetchall())
+        ext = conn.execute("SELECT scope FROM gpkg_extensions WHERE table_name = 'gpkg_data_columns' AND extension_name = 'gpkg_schema'").fetchone()
+    assert set(rows) == {"class_id", "class_name", "score", "px_x1"}  # only the columns the layer has
+    assert "px" in rows["px_x1"] and "0-1" in rows["score"] and ext == ("read-write",)
+    assert len(gpd.read_file(out, layer=LAYER)) == 3  # GDAL still reads it
+
+
+def test_wgs84_geojson_has_6_decimals(tmp_path: Path) -> None:
+    import json
+    import re
+
+    f = frame()
+    f.geometry = [shapely.box(10.123456789, 50.987654321, 10.1234599, 50.9876599)] * 3
+    text = (write_detections(f, tmp_path / "d.geojson", META)).read_text()
+    coords = json.loads(text)["features"][0]["geometry"]["coordinates"][0]
+    assert [10.123457, 50.987654] in coords
+    decimals = {len(m) for m in re.findall(r"\d+\.(\d+)", json.dumps(json.loads(text)["features"][0]["geometry"]))}
+    assert max(decimals) == 6
+
+
 def test_style_classes_follow_the_filter_and_what_is_present() -> None:
     model, wanted = style_classes(META, ["plane", "harbor"])
     assert wanted == ["plane", "ship", "harbor"]
@@ -167,12 +225,20 @@ def test_sidecar_never_clobbers_a_foreign_style(tmp_path: Path) -> None:
     assert set(categories((tmp_path / "dets.qml").read_text())) == {"plane", "ship", ""}
 
 
-def test_sidecar_is_skipped_beside_a_raster_of_the_same_name(tmp_path: Path) -> None:
+def test_sidecar_is_skipped_beside_a_raster_of_the_same_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # QGIS would also load scene.qml as the default style of scene.tif
     (tmp_path / "scene.tif").write_bytes(b"II*\x00")
     assert sidecar_problem(tmp_path / "scene.geojson") is not None
-    write_detections(frame(), tmp_path / "scene.geojson", META)
+    with caplog.at_level("INFO", logger="rs_detect"):
+        write_detections(frame(), tmp_path / "scene.geojson", META)
     assert (tmp_path / "scene.geojson").is_file() and not (tmp_path / "scene.qml").exists()
+    # the info line the docs promise, naming the way out
+    said = [r for r in caplog.records if r.levelname == "INFO" and "scene.geojson" in r.getMessage()]
+    assert len(said) == 1 and "scene.tif" in said[0].getMessage() and ".detections.geojson" in said[0].getMessage()
+    # the default name (SCENE.detections.geojson) is styled: its .qml is not the raster's
+    assert sidecar_problem(tmp_path / "scene.detections.geojson") is None
+    write_detections(frame(), tmp_path / "scene.detections.geojson", META)
+    assert (tmp_path / "scene.detections.qml").is_file()
     # other outputs of the same name do not block it
     (tmp_path / "dets.gpkg").write_bytes(b"")
     assert sidecar_problem(tmp_path / "dets.geojson") is None

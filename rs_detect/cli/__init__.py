@@ -53,7 +53,7 @@ def cli() -> None:
     """Find planes and ships in huge remote-sensing scenes.
 
     \b
-    rs-detect SCENE.tif            detect (the default command), write SCENE.geojson
+    rs-detect SCENE.tif            detect (the default command), write SCENE.detections.geojson
     rs-detect COMMAND --help       help for one command
     """
     _setup_logging()

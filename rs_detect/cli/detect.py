@@ -19,7 +19,9 @@ def fail(exc: RsDetectError) -> None:
 
 @click.command()
 @click.argument("scene", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file: .geojson (default, beside the scene), .gpkg or .parquet.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file: .geojson, .gpkg (style inside) or .parquet (GeoParquet: QGIS opens it only with "
+                   "GDAL >= 3.8 built with the Arrow/Parquet driver). [default: SCENE.detections.geojson beside the "
+                   "scene, with its QGIS style SCENE.detections.qml]")
 @scene_options
 @click.option("--preview", "preview", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Also write a quick-look PNG with the detections drawn [default path: <output stem>.preview.png "
@@ -29,12 +31,13 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
            classes: tuple[str, ...] | None, preview: str | None, **flags: Any) -> None:
     """Detect planes and ships in SCENE (a GeoTIFF or any raster GDAL reads)."""
     from rs_detect.engines import load_engine
+    from rs_detect.io.writer import default_output
     from rs_detect.pipeline import ScenePipeline
     from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
 
     try:
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
-        out = output or scene.with_suffix(".geojson")
+        out = output or default_output(scene)
         if not scene.exists():
             raise RsDetectError(f"{scene}: no such file")
         preview_path = None if preview is None else Path(preview) if preview else default_preview_path(out)

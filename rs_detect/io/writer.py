@@ -29,8 +29,16 @@ from rs_detect.style import qml_for, sidecar_path, sidecar_problem, write_gpkg_s
 FORMATS = {".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".parquet": "parquet", ".geoparquet": "parquet"}
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "parquet": ".parquet"}
 LAYER = "detections"
+WGS84_DECIMALS = 6
 
 log = logging.getLogger(__name__)
+
+
+def default_output(scene: Path) -> Path:
+    """``SCENE.detections.geojson`` beside the scene: its style ``SCENE.detections.qml`` is the one QGIS
+    loads for it (QGIS looks for ``<name without the last extension>.qml``), and it cannot be taken for
+    the scene raster's own style (``SCENE.qml``)."""
+    return scene.with_name(f"{scene.stem}.detections.geojson")
 
 
 def format_for(path: Path) -> str:
@@ -75,6 +83,8 @@ def write_detections(
                 is_wgs84 = gdf.crs is not None and gdf.crs.equals(ProjCRS.from_epsg(4326))
                 layer_options = {"RFC7946": "YES" if is_wgs84 else "NO", "WRITE_NAME": "YES",
                                  "DESCRIPTION": json.dumps(meta, separators=(",", ":"), default=str)}
+                if is_wgs84:  # 6 decimals of a degree: about 11 cm, finer than any pixel; GDAL's default is 7
+                    layer_options["COORDINATE_PRECISION"] = str(WGS84_DECIMALS)
                 gdf.to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER, layer_options=layer_options)
             elif fmt == "gpkg":
                 gdf.to_file(tmp, driver="GPKG", engine="pyogrio", layer=LAYER, geometry_type=_geometry_type(gdf),
@@ -90,7 +100,8 @@ def write_detections(
                 if problem is None:
                     placed.append(write_text_atomic(sidecar_path(path), qml))
                 else:
-                    log.debug("%s: QGIS style .qml not written (%s); a .gpkg output carries its style inside", path, problem)
+                    log.info("%s: QGIS style not written beside it (%s); name the output differently "
+                             "(e.g. SCENE.detections.geojson) or write a .gpkg, which carries its style inside", path.name, problem)
     except BaseException as exc:
         for p in placed:  # the main file did not make it: its sidecar must not stay behind alone
             p.unlink(missing_ok=True)
