@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from rs_detect.errors import ConfigError
+from rs_detect.fsutil import load_yaml_mapping
 from rs_detect.types import ScaleConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,17 +159,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
     """Defaults < ``path`` (YAML) < ``overrides`` (None means 'not given')."""
     values: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-        unknown = sorted(set(raw) - _FIELDS)
-        if unknown:
-            raise ConfigError(f"{path}: unknown config key {unknown[0]!r}")
+        raw = load_yaml_mapping(path, "config file", _FIELDS, ConfigError, lambda key: f"unknown config key {key!r}")
         values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
     values.update({k: _coerce(k, v, "command line") for k, v in overrides.items() if v is not None})
     try:

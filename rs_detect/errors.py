@@ -1,4 +1,16 @@
-"""The error tree users can catch. Every message is one line that names the file and the problem."""
+"""The error tree users can catch, and the one way an error becomes a line.
+
+Every message names the file (or option) and the problem: ``<file>: <problem>``. The CLI prints it
+as ``error: <file>: <problem>`` (:func:`error_line`) and exits 1. Which class, by kind of mistake:
+
+* :class:`InputError` - a scene (or truth file) that is missing, unreadable, or lacks what is asked of it;
+* :class:`ConfigError` - a setting that is unknown or out of range, wherever it is written: a flag, a
+  config file, or a model YAML (the same ``conf: 1.5`` is a ConfigError in all three);
+* :class:`ModelError` - a model file that is missing, not a model, or whose own metadata, shapes or
+  runtime disagree with each other or with the settings;
+* :class:`OutputError` - an output that cannot be written;
+* :class:`EngineUnavailableError` - a backend whose runtime (TensorRT, pycuda, CUDA) is missing here.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +24,11 @@ class InputError(RsDetectError):
 
 
 class ModelError(RsDetectError):
-    """A model file that is missing, not a model, or does not fit the scene or the decoder."""
+    """A model file that is missing, not a model, or does not fit its metadata, the scene or the decoder."""
 
 
 class ConfigError(RsDetectError):
-    """A configuration file or option that is unknown or out of range."""
+    """A setting (flag, config file key, model YAML key) that is unknown or out of range."""
 
 
 class OutputError(RsDetectError):
@@ -25,3 +37,16 @@ class OutputError(RsDetectError):
 
 class EngineUnavailableError(ModelError):
     """A backend whose runtime (TensorRT, pycuda, CUDA) is not installed here."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` (an exception or any object) as one line, whitespace collapsed, cut to ``limit`` characters."""
+    line = " ".join(str(text).split())
+    if not line and isinstance(text, BaseException):
+        line = type(text).__name__
+    return line if limit is None else line[:limit]
+
+
+def error_line(exc: BaseException | str) -> str:
+    """The line a user sees for a failure: ``error: <file>: <problem>``."""
+    return f"error: {one_line(exc)}"

@@ -17,7 +17,7 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
-from rs_detect.errors import InputError
+from rs_detect.errors import InputError, one_line
 
 PX = ["px_x1", "px_y1", "px_x2", "px_y2"]
 
@@ -47,7 +47,7 @@ def _read(path: Path, what: str) -> gpd.GeoDataFrame:
         layer = "detections" if path.suffix.lower() == ".gpkg" else None
         return gpd.read_file(path, layer=layer)
     except Exception as exc:  # pyogrio/arrow raise many types for unreadable files
-        raise InputError(f"{path}: cannot read {what} ({' '.join(str(exc).split())[:160]})") from None
+        raise InputError(f"{path}: cannot read {what} ({one_line(exc, 160)})") from None
 
 
 def _geoms(gdf: gpd.GeoDataFrame, mode: Literal["box", "polygon"], crs: object) -> np.ndarray:

@@ -51,11 +51,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from rs_detect import __version__
+from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
@@ -68,7 +68,6 @@ from rs_detect.stages import SceneResult, Thresholds, TileDecoder, georeference,
 from rs_detect.types import Detections, RawBatch, RunStats, ScaleInfo, SkippedTile, Tile
 
 T = TypeVar("T")
-TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 _DONE = object()
 
 
@@ -330,7 +329,7 @@ class SceneExecutor:
                     t_wait = time.perf_counter()
                     continue
                 if norm is None:  # the stretch is ready by now, or soon: its sample jobs were queued first
-                    norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], plan.scaling.nodata_fill,
+                    norm = Normalizer(src, self.engine.device, torch_dtype(self.engine.input_dtype), plan.scaling.nodata_fill,
                                       scale=scale_job.result(), upload_stream=self._upload_stream)
                 t0 = time.perf_counter()
                 raw = self.engine.infer_normalized(*norm.upload(item), norm)

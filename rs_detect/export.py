@@ -31,10 +31,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -42,28 +40,14 @@ from typing import Any, Literal
 
 from rs_detect import __version__
 from rs_detect.engines.tensorrt import import_tensorrt, sidecar_path
-from rs_detect.errors import EngineUnavailableError, ModelError
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, one_line
+from rs_detect.fsutil import atomic_path, atomic_write_text
 from rs_detect.modelinfo import ModelInfo, inspect_model, inspect_onnx
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["onnx", "torchscript"]
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript"}
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed over it on success (never a half-written model)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _not_dynamic(path: Path, info: ModelInfo) -> ModelError:
@@ -115,7 +99,7 @@ def export_torch_module_onnx(
     module = module.eval()
     dummy = torch.zeros(batch, channels, imgsz, imgsz)
     axes = {"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None
-    with _atomic(path) as tmp:
+    with atomic_path(path, parents=True) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             # the TorchScript-based exporter (dynamo=False) is deprecated, but it is the one whose
             # dynamic_axes keep x.shape[0] symbolic exactly as the seed and Ultralytics rely on
@@ -188,7 +172,7 @@ def export_ultralytics(
         model = YOLO(str(weights))
         produced = Path(model.export(**kwargs))
     except Exception as exc:  # Ultralytics raises assorted errors (AssertionError, ValueError, RuntimeError...)
-        raise ModelError(f"{weights}: Ultralytics export failed ({' '.join(str(exc).split())[:300]})") from None
+        raise ModelError(f"{weights}: Ultralytics export failed ({one_line(exc, 300)})") from None
     target = Path(output) if output else weights.with_suffix(SUFFIX[fmt])
     if produced.resolve() != target.resolve():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +239,7 @@ def write_engine_file(path: Path, plan: bytes | memoryview, meta: Mapping[str, A
     """
     path = Path(path)
     blob = json.dumps(meta).encode("utf-8")
-    with _atomic(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, parents=True) as tmp, open(tmp, "wb") as fh:
         if path.suffix.lower() == ".engine":
             fh.write(len(blob).to_bytes(4, byteorder="little", signed=False))
             fh.write(blob)
@@ -263,10 +247,7 @@ def write_engine_file(path: Path, plan: bytes | memoryview, meta: Mapping[str, A
     if path.suffix.lower() == ".engine":
         sidecar_path(path).unlink(missing_ok=True)  # a stale sidecar would override the header
         return None
-    side = sidecar_path(path)
-    with _atomic(side) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return side
+    return atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2))
 
 
 def build_engine(
@@ -281,7 +262,7 @@ def build_engine(
     """Build a TensorRT engine with one optimization profile from a truly batch-dynamic ONNX."""
     onnx_path = Path(onnx_path)
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ModelError(f"{onnx_path}: batch bounds must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
+        raise ConfigError(f"{onnx_path}: batch bounds must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
     if not onnx_path.is_file():
         raise ModelError(f"{onnx_path}: model file not found")
     if onnx_path.suffix.lower() != ".onnx":

@@ -19,6 +19,7 @@ from affine import Affine
 from pyproj import CRS as ProjCRS
 from rasterio.crs import CRS
 
+from rs_detect.errors import one_line
 from rs_detect.postprocess.geometry import obb_corners
 from rs_detect.types import Detections
 
@@ -87,5 +88,5 @@ def to_output_crs(gdf: gpd.GeoDataFrame, mode: Literal["wgs84", "native"], where
             raise ValueError("non-finite coordinates")
         return out
     except Exception as exc:  # pyproj raises several types for CRSs on other bodies or without datum
-        log.warning("%s: cannot express this CRS in WGS84 (%s): keeping the scene CRS", where, " ".join(str(exc).split())[:120])
+        log.warning("%s: cannot express this CRS in WGS84 (%s): keeping the scene CRS", where, one_line(exc, 120))
         return gdf

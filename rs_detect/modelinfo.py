@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rs_detect.errors import ModelError, RsDetectError
+from rs_detect.dtypes import model_input_dtype
+from rs_detect.errors import ModelError, RsDetectError, one_line
 from rs_detect.types import ModelMeta
 
 Format = Literal["onnx", "tensorrt", "torchscript"]
@@ -217,7 +218,7 @@ def _jsonable(value: Any) -> Any:
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """One line; ONNX Runtime's kernel errors shortened to node + reason (no C++ source locations)."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
     if node:
         reason = text.split(" was false. ")[-1] if " was false. " in text else text.split("Status Message: ")[-1]
@@ -460,7 +461,7 @@ def _export_batch(baked: Sequence[BakedNode], model: Any) -> int | None:
 def _run_onnx_check(path: Path, dims: tuple[int | str, ...], channels: int, imgsz: int, dtype: str) -> RunCheck:
     """The run check at a small size when height/width are dynamic (falling back to imgsz)."""
     runner, _ = onnx_session_runner(path)
-    np_dtype = np.dtype(np.float16) if dtype == "float16" else np.dtype(np.float32)
+    np_dtype = model_input_dtype(dtype)
     spatial_dynamic = not isinstance(dims[2], int) and not isinstance(dims[3], int)
     if spatial_dynamic and imgsz > SMALL_SPATIAL:
         small = compare_batch_runs(runner, channels, SMALL_SPATIAL, np_dtype)

@@ -311,7 +311,7 @@ def render_preview(
         heading = title if title is not None else _default_title(src, len(detections), 1 / sx)
         scene_name = src.name
     canvas, image_box, counts, footer = compose(scene_img, detections, names, (sx, sy), heading, mpp)
-    from rs_detect.io.writer import atomic_path
+    from rs_detect.fsutil import atomic_path
 
     try:
         with atomic_path(out) as tmp:

@@ -13,7 +13,7 @@ from fake_tensorrt import MiniYolo, mini_torchscript
 
 from rs_detect.engines import load_engine
 from rs_detect.engines.torch import TorchScriptEngine, _Graph, load_torchscript
-from rs_detect.errors import EngineUnavailableError, ModelError
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError
 from rs_detect.io.reader import RasterSource
 from rs_detect.postprocess.decode import DecodeParams, decode
 from rs_detect.postprocess.nms import nms_per_tile
@@ -84,7 +84,7 @@ def test_bad_files_and_devices(tmp_path: Path, ts_path: Path) -> None:
         TorchScriptEngine(junk)
     with pytest.raises(ModelError, match="not found"):
         TorchScriptEngine(tmp_path / "missing.torchscript")
-    with pytest.raises(ModelError, match="not supported|unknown device"):
+    with pytest.raises(ConfigError, match="not supported|unknown device"):  # a setting, as in a config file
         TorchScriptEngine(ts_path, device="tpu")
 
 

@@ -24,7 +24,7 @@ from rs_detect.cli import cli
 from rs_detect.config import REPO_ROOT
 from rs_detect.evaluate import average_precision, evaluate
 from rs_detect.evaluate import duplicate_pairs as duplicates
-from rs_detect.synthetic import write_scene
+from rs_detect_synth import write_scene
 
 MODELS = {"hbb": REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.onnx", "obb": REPO_ROOT / "sample_data" / "planeship_yolov8n_obb.onnx"}
 SCENES = {"uint8": 2024, "uint16": 2026}  # dtype -> seed; 6000 x 5000 px, about 80 objects each

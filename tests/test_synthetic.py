@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
-from rs_detect import synthetic as syn
 from rs_detect.cli.synth import synth
 from rs_detect.io.tiling import axis_starts
+from rs_detect_synth import scene as syn
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 1100, 900  # two tiler windows across, one down
@@ -204,7 +204,7 @@ def test_render_chip_needs_neither_rasterio_nor_geopandas() -> None:
         "for m in ('rasterio', 'geopandas', 'pyogrio', 'shapely', 'pyproj'):\n"
         "    sys.modules[m] = None\n"
         "import numpy as np\n"
-        "from rs_detect.synthetic import render_chip\n"
+        "from rs_detect_synth import render_chip\n"
         "img, objs = render_chip(np.random.default_rng(0), size=128)\n"
         "print(img.shape)\n"
     )
@@ -251,7 +251,7 @@ def test_scene_is_georeferenced_tiled_and_compressed(scene: syn.SceneTruth) -> N
         data = src.read(1)
     assert data.min() >= 5 and data.max() <= 250 and data.max() - data.min() > 150
     assert scene.crs == "EPSG:32633" and scene.transform == tuple(from_origin(500000.0, 4500000.0, 0.5, 0.5))[:6]
-    assert not list(scene.path.parent.glob(".*partial"))
+    assert not list(scene.path.parent.glob(".*"))  # no temporary file left behind
 
 
 def test_striped_scene_has_full_width_strips(tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_cli_bad_arguments_fail_with_one_line(tmp_path: Path, args: list[str], m
     result = CliRunner().invoke(synth, [str(tmp_path / "x.tif"), "--width", "100", "--height", "100", *args])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'x.tif'}: ") and message in lines[0]
     assert not (tmp_path / "x.tif").exists()
 
 
@@ -436,4 +436,21 @@ def test_cli_unwritable_directory_fails_with_one_line(tmp_path: Path, where: str
     result = CliRunner().invoke(synth, [str(parent / "x.tif"), "--width", "100", "--height", "100"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {parent / 'x.tif'}")
+    assert len(lines) == 1 and lines[0].startswith(f"error: {parent / 'x.tif'}: cannot write")
+
+
+def test_runtime_package_does_not_import_the_synthetic_package() -> None:
+    """The renderer is a lab tool: loading the CLI and running ``--help`` leaves it unimported."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from rs_detect.cli import cli\n"
+        "import rs_detect.pipeline, rs_detect.batch, rs_detect.engines\n"
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rs_detect_synth')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    importers = [p.relative_to(REPO).as_posix() for p in (REPO / "rs_detect").rglob("*.py") if "rs_detect_synth" in p.read_text()]
+    assert importers == ["rs_detect/cli/synth.py"]

@@ -78,7 +78,7 @@ def test_train_script_hard_chips_go_to_training_only(tmp_path: Path) -> None:
     """--hard: a fraction in [0, 1], default 0; training chips get it, validation chips never do."""
     from PIL import Image
 
-    from rs_detect.synthetic import render_chip
+    from rs_detect_synth import render_chip
 
     assert tsm.parse_args(["--out", str(tmp_path)]).hard == 0.0
     for bad in ("-0.1", "1.5", "nan"):
@@ -106,7 +106,7 @@ def test_train_script_hard_chips_go_to_training_only(tmp_path: Path) -> None:
 
 
 def _ship(cx: float, cy: float, length: float = 40.0, beam: float = 10.0) -> object:
-    from rs_detect.synthetic import TruthObject
+    from rs_detect_synth import TruthObject
 
     return TruthObject("ship", 1, cx, cy, length, beam, 0.0)
 
@@ -132,7 +132,7 @@ def test_train_script_scene_chips_are_the_pipelines_windows_scaled_as_the_pipeli
 
     from rs_detect.io.reader import percentiles
     from rs_detect.io.tiling import iter_tiles
-    from rs_detect.synthetic import plan_scene, quantize, render_window
+    from rs_detect_synth import plan_scene, quantize, render_window
 
     args = tsm.parse_args(["--out", str(tmp_path), "--scenes", "2", "--seed", "3"])
     jobs = tsm.scene_jobs(tmp_path, args)

@@ -40,7 +40,7 @@ TEST_SEEDS = frozenset({2024, 2026})
 
 
 def scene(work: Path, seed: int, dtype: str) -> tuple[Path, Path]:
-    from rs_detect.synthetic import write_scene
+    from rs_detect_synth import write_scene
 
     tif, truth = work / f"s{seed}_{dtype}.tif", work / f"s{seed}_{dtype}.truth.geojson"
     if not (tif.is_file() and truth.is_file()):

@@ -503,7 +503,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rs_detect.errors import RsDetectError
+    from rs_detect.errors import RsDetectError, error_line
+    from rs_detect.fsutil import atomic_write_text
 
     args = parse_args(argv)
     if args.make_random_yolo:
@@ -512,12 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except RsDetectError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2), parents=True)
     d, r, t = report["detections"], report["raw"], report["timing"]
     failed = [k for k, ok in report["checks"].items() if not ok]
     print(f"{'PASS' if report['passed'] else 'FAIL (' + ', '.join(failed) + ')'}: {report['run']['gpu_device']} {report['run']['gpu_precision']} vs ONNX Runtime CPU fp32; "

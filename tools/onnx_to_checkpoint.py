@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from rs_detect import DOTA_CLASSES  # noqa: E402
-from rs_detect.synthetic import render_chip  # noqa: E402
+from rs_detect_synth import render_chip  # noqa: E402
 
 MODEL_YAML = {"detect": "yolov8n.yaml", "obb": "yolov8n-obb.yaml"}
 CALIB_SEED = 424242  # chips for calibration and the check: a seed no training run of the script uses

@@ -2,7 +2,7 @@
 """Reproduce the bundled sample models (planes and ships, YOLOv8n, 1 channel, 15 DOTA-v1 slots) from a seed.
 
 Why: the sample ONNX files in the repository must be rebuildable by anyone, offline, from code alone.
-The script renders synthetic training chips with :func:`rs_detect.synthetic.render_chip` (the same
+The script renders synthetic training chips with :func:`rs_detect_synth.render_chip` (the same
 drawing code as ``rs-detect synth`` scenes), writes them as 8-bit PNGs with YOLO detect and OBB labels,
 trains ``yolov8n.yaml`` and ``yolov8n-obb.yaml`` from scratch (never downloading weights), exports
 each best checkpoint to ONNX (dynamic batch, opset 17, simplified) and checks the export with
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rs_detect import DOTA_CLASSES  # noqa: E402
-from rs_detect.synthetic import TruthObject, plan_scene, quantize, render_chip, render_window  # noqa: E402
+from rs_detect_synth import TruthObject, plan_scene, quantize, render_chip, render_window  # noqa: E402
 
 TASKS = ("detect", "obb")
 MODEL_YAML = {"detect": "yolov8n.yaml", "obb": "yolov8n-obb.yaml"}

@@ -34,7 +34,9 @@ class DefaultGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            from rs_detect.errors import error_line
+
+            click.echo(error_line("interrupted"), err=True)
             ctx.exit(130)
 
 

@@ -9,19 +9,19 @@ from typing import Any
 import click
 
 from rs_detect.cli.options import build_config, scene_options
-from rs_detect.errors import RsDetectError
+from rs_detect.errors import RsDetectError, error_line
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def fail(exc: RsDetectError) -> None:
-    click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+    click.echo(error_line(exc), err=True)
     sys.exit(1)
 
 
 def interrupted(scene: Path) -> None:
     """Ctrl-C: every thread of the run has stopped (the executor's shutdown) and nothing was written."""
-    click.echo(f"error: {scene}: interrupted", err=True)
+    click.echo(error_line(f"{scene}: interrupted"), err=True)
     sys.exit(EXIT_INTERRUPTED)
 
 

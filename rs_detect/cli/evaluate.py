@@ -22,7 +22,7 @@ from rs_detect.errors import RsDetectError
 def eval_cmd(pred: Path, truth: Path, iou: float, match: str, classes: str | None, json_path: Path | None) -> None:
     """Score detections PRED against ground truth TRUTH (duplicates count as false positives)."""
     from rs_detect.evaluate import as_json, evaluate_files, table
-    from rs_detect.io.writer import write_text_atomic
+    from rs_detect.fsutil import atomic_write_text as write_text_atomic
 
     try:
         names = [c.strip() for c in classes.split(",")] if classes else None

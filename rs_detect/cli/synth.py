@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
-from rs_detect.synthetic import DTYPE_LEVELS, SceneDtype, SceneTruth, default_truth_path, write_scene
+from rs_detect.cli.detect import fail
+from rs_detect.errors import ConfigError, OutputError, RsDetectError, one_line
+
+if TYPE_CHECKING:
+    from rs_detect_synth import SceneTruth
 
 
 @click.command("synth")
@@ -30,15 +34,24 @@ def synth(out: Path, width: int, height: int, seed: int, truth: Path | None, dty
     The truth holds one rotated rectangle per object in the scene's CRS, with pixel attributes, and
     marks the objects that straddle the 1024/192 tiler's window edges.
     """
+    # the renderer lives outside the runtime package; only this command imports it
+    from rs_detect_synth import DTYPE_LEVELS, SceneDtype, default_truth_path, write_scene
+
     truth = truth or default_truth_path(out)
-    if dtype not in DTYPE_LEVELS:
-        raise click.ClickException(f"--dtype must be uint8 or uint16, got {dtype!r}")
-    for path in (out, truth):
-        _check_writable(path)
     try:
-        result = write_scene(out, width, height, seed, truth_path=truth, dtype=cast(SceneDtype, dtype), striped=striped)
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from exc
+        if dtype not in DTYPE_LEVELS:
+            raise ConfigError(f"{out}: --dtype must be uint8 or uint16, got {dtype!r}")
+        for path in (out, truth):
+            _check_writable(path)
+        try:
+            result = write_scene(out, width, height, seed, truth_path=truth, dtype=cast(SceneDtype, dtype), striped=striped)
+        except ValueError as exc:
+            raise ConfigError(f"{out}: {one_line(exc)}") from None
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the scene ({one_line(exc)})") from None
+    except RsDetectError as exc:
+        fail(exc)
+        return
     if not quiet:
         click.echo(summary(result))
 
@@ -57,13 +70,8 @@ def _check_writable(path: Path) -> None:
     """Fail before rendering, with one line, when the file cannot be created where asked."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
-        raise click.ClickException(f"cannot write {path}: directory {parent} does not exist")
+        raise OutputError(f"{path}: cannot write: directory {parent} does not exist")
     if not parent.is_dir():
-        raise click.ClickException(f"cannot write {path}: {parent} is not a directory")
+        raise OutputError(f"{path}: cannot write: {parent} is not a directory")
     if path.is_dir():
-        raise click.ClickException(f"cannot write {path}: it is a directory")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise OutputError(f"{path}: cannot write: it is a directory")

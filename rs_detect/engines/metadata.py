@@ -6,6 +6,9 @@ Sources, lowest precedence first:
 2. a model YAML (``<model>.yaml`` beside the model, or ``model_meta`` in the config) with keys
    ``names``, ``imgsz``, ``channels``, ``task``, ``batch: {min, opt, max}``; the YAML wins.
 What the runtime itself reports (input shape, batch dims) is then checked against the result.
+
+A bad value is a :class:`ModelError` when the model file carries it and a :class:`ConfigError`
+when a model YAML does (a setting the user wrote, like a config file's).
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rs_detect import DOTA_CLASSES
-from rs_detect.errors import ConfigError, ModelError
+from rs_detect.errors import ConfigError, ModelError, RsDetectError
+from rs_detect.fsutil import load_yaml_mapping
 from rs_detect.types import ModelMeta
 
 YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf", "conf_by_class"}
@@ -36,60 +38,62 @@ def _literal(value: Any) -> Any:
     return value
 
 
-def _names(value: Any) -> tuple[str, ...]:
+def _names(value: Any, source: str, error: type[RsDetectError]) -> tuple[str, ...]:
     value = _literal(value)
     if isinstance(value, Mapping):
         return tuple(str(value[k]) for k in sorted(value, key=lambda k: int(k)))
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
-    raise ModelError(f"class names must be a list or an index->name mapping, got {type(value).__name__}")
+    raise error(f"{source}: class names must be a list or an index->name mapping, got {type(value).__name__}")
 
 
-def _imgsz(value: Any) -> int:
+def _imgsz(value: Any, source: str, error: type[RsDetectError]) -> int:
     value = _literal(value)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ModelError(f"only square inputs are supported, got imgsz {list(value)}")
+            raise error(f"{source}: only square inputs are supported, got imgsz {list(value)}")
         value = value[0]
     return int(value)
 
 
-def from_mapping(raw: Mapping[str, Any], base: ModelMeta | None = None, source: str = "") -> ModelMeta:
-    """Apply the keys Ultralytics (or a model YAML) writes on top of ``base``."""
+def from_mapping(
+    raw: Mapping[str, Any], base: ModelMeta | None = None, source: str = "", error: type[RsDetectError] = ModelError
+) -> ModelMeta:
+    """Apply the keys Ultralytics (or a model YAML) writes on top of ``base``; bad values raise ``error``."""
     meta = base or ModelMeta(names=DOTA_CLASSES)
     updates: dict[str, Any] = {}
     if "names" in raw:
-        updates["names"] = _names(raw["names"])
+        updates["names"] = _names(raw["names"], source, error)
     if "imgsz" in raw:
-        updates["imgsz"] = _imgsz(raw["imgsz"])
+        updates["imgsz"] = _imgsz(raw["imgsz"], source, error)
     if "channels" in raw:
         updates["channels"] = int(_literal(raw["channels"]))
     if "conf" in raw:
         conf = float(_literal(raw["conf"]))
         if not 0.0 <= conf <= 1.0:
-            raise ModelError(f"{source}: conf must be in [0, 1], got {conf}")
+            raise error(f"{source}: conf must be in [0, 1], got {conf}")
         updates["conf"] = conf
     if "conf_by_class" in raw:
         per = _literal(raw["conf_by_class"])
         if not isinstance(per, Mapping):
-            raise ModelError(f"{source}: conf_by_class must map class names to thresholds, got {type(per).__name__}")
+            raise error(f"{source}: conf_by_class must map class names to thresholds, got {type(per).__name__}")
         pairs = tuple((str(k), float(v)) for k, v in per.items())
         bad = [(k, v) for k, v in pairs if not 0.0 <= v <= 1.0]
         if bad:
-            raise ModelError(f"{source}: conf_by_class[{bad[0][0]}] must be in [0, 1], got {bad[0][1]}")
+            raise error(f"{source}: conf_by_class[{bad[0][0]}] must be in [0, 1], got {bad[0][1]}")
         updates["conf_by_class"] = pairs
     if "stride" in raw:
         updates["stride"] = int(_literal(raw["stride"]))
     if "task" in raw:
         task = str(raw["task"])
         if task not in ("detect", "obb"):
-            raise ModelError(f"{source}: task {task!r} is not supported (detect or obb)")
+            raise error(f"{source}: task {task!r} is not supported (detect or obb)")
         updates["task"] = task
     batch = raw.get("batch")
     if isinstance(batch, Mapping):
         lo, opt, hi = int(batch.get("min", 1)), int(batch.get("opt", meta.opt_batch)), int(batch.get("max", meta.max_batch))
         if not 1 <= lo <= opt <= hi:
-            raise ModelError(f"{source}: batch bounds must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
+            raise error(f"{source}: batch bounds must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
         updates.update(min_batch=lo, opt_batch=opt, max_batch=hi)
     if source:
         updates["source"] = source
@@ -97,16 +101,7 @@ def from_mapping(raw: Mapping[str, Any], base: ModelMeta | None = None, source: 
 
 
 def load_model_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read model YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a model YAML must be a mapping")
-    unknown = sorted(set(raw) - YAML_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(YAML_KEYS))})")
-    return raw
+    return load_yaml_mapping(path, "model YAML", YAML_KEYS, ConfigError)
 
 
 def sidecar_yaml(model: Path) -> Path | None:
@@ -130,7 +125,7 @@ def resolve(model: Path, file_meta: Mapping[str, Any], override: Mapping[str, An
     meta = from_mapping(file_meta, source=str(model))
     yaml_meta = model_yaml(model, override)
     if yaml_meta:
-        meta = from_mapping(yaml_meta, meta, source=str(model))
+        meta = from_mapping(yaml_meta, meta, source=str(model), error=ConfigError)
     return meta
 
 

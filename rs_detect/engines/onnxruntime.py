@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from rs_detect.dtypes import model_input_dtype
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
-from rs_detect.errors import ModelError
+from rs_detect.errors import ModelError, one_line
 from rs_detect.types import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidProtobuf errors
-            raise ModelError(f"{path}: not a loadable ONNX model ({' '.join(str(exc).split())[:200]})") from None
+            raise ModelError(f"{path}: not a loadable ONNX model ({one_line(exc, 200)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or not outputs:
             raise ModelError(f"{path}: expected one image input and at least one output, got {len(inputs)} input(s)")
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        self._dtype = np.dtype(np.float16) if inputs[0].type == "tensor(float16)" else np.dtype(np.float32)
+        self._dtype = model_input_dtype(inputs[0].type)
         file_meta = self.session.get_modelmeta().custom_metadata_map
         meta = metadata.resolve(path, file_meta, model_yaml)
         meta = check_input_dims(meta, list(inputs[0].shape), str(path))

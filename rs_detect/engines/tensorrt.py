@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from rs_detect.dtypes import torch_dtype
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
-from rs_detect.errors import EngineUnavailableError, ModelError, RsDetectError
+from rs_detect.errors import EngineUnavailableError, ModelError, RsDetectError, one_line
 from rs_detect.types import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def read_engine_file(path: Path) -> EngineFile:
         try:
             extra = json.loads(side.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{side}: not a JSON metadata sidecar ({' '.join(str(exc).split())})") from None
+            raise ModelError(f"{side}: not a JSON metadata sidecar ({one_line(exc)})") from None
         if not isinstance(extra, dict):
             raise ModelError(f"{side}: a metadata sidecar must be a JSON object")
         meta = {**meta, **extra}
@@ -250,10 +251,6 @@ def _deserialize(trt: ModuleType, logger: Any, plan: bytes, path: Path) -> tuple
 # -- device memory --------------------------------------------------------------------------------------
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-
-
 class TorchBuffers:
     """Buffers as torch tensors on one device, one stream; the output stays on that device.
 
@@ -263,7 +260,7 @@ class TorchBuffers:
 
     def __init__(self, device: torch.device, specs: Mapping[str, tuple[Shape, np.dtype]]) -> None:
         self.device = device
-        self.tensors = {name: torch.empty(shape, dtype=_torch_dtype(dtype), device=device) for name, (shape, dtype) in specs.items()}
+        self.tensors = {name: torch.empty(shape, dtype=torch_dtype(dtype), device=device) for name, (shape, dtype) in specs.items()}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @property
@@ -353,7 +350,7 @@ def _import_pycuda() -> ModuleType:
             "TensorRT needs device memory: install PyTorch with CUDA support, or pycuda (pip install pycuda)"
         ) from None
     except Exception as exc:  # pycuda's own LogicError/RuntimeError when no GPU or driver answers
-        raise EngineUnavailableError(f"TensorRT needs a CUDA GPU: pycuda could not start ({' '.join(str(exc).split())})") from None
+        raise EngineUnavailableError(f"TensorRT needs a CUDA GPU: pycuda could not start ({one_line(exc)})") from None
     return cuda
 
 

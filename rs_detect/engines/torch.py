@@ -29,7 +29,7 @@ import torch
 
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
-from rs_detect.errors import EngineUnavailableError, ModelError
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, one_line
 
 if TYPE_CHECKING:
     from rs_detect.preprocess import Normalizer
@@ -45,7 +45,7 @@ def torch_device(device: str, where: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ModelError(f"{where}: unknown device {device!r} (cpu or cuda[:N])") from None
+        raise ConfigError(f"{where}: unknown device {device!r} (cpu or cuda[:N])") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise EngineUnavailableError(
@@ -56,7 +56,7 @@ def torch_device(device: str, where: str) -> torch.device:
         elif dev.index >= torch.cuda.device_count():
             raise EngineUnavailableError(f"{where}: --device {device} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif dev.type != "cpu":
-        raise ModelError(f"{where}: device {device!r} is not supported (cpu or cuda[:N])")
+        raise ConfigError(f"{where}: device {device!r} is not supported (cpu or cuda[:N])")
     return dev
 
 
@@ -69,7 +69,7 @@ def load_torchscript(path: Path, device: str | torch.device = "cpu") -> tuple[to
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for non-TorchScript files
         hint = " (an Ultralytics .pt checkpoint? export it: rs-detect export X.pt --format torchscript)" if path.suffix == ".pt" else ""
-        raise ModelError(f"{path}: not a TorchScript model{hint} ({' '.join(str(exc).split())[:160]})") from None
+        raise ModelError(f"{path}: not a TorchScript model{hint} ({one_line(exc, 160)})") from None
     text = extra["config.txt"]
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")

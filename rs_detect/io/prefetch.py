@@ -29,18 +29,10 @@ from rasterio.windows import Window
 
 from rs_detect import memory
 from rs_detect.config import cutter_threads  # noqa: F401  (re-exported: the default the plan resolves)
+from rs_detect.dtypes import pixel_torch_dtype
 from rs_detect.io.reader import RasterSource
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
-TORCH_DTYPES = {
-    np.dtype(np.uint8): torch.uint8,
-    np.dtype(np.int8): torch.int8,
-    np.dtype(np.uint16): torch.uint16,
-    np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32,
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float32,
-}
 
 
 SLAB_ROWS = 256  # the smallest slab: whole blocks or strips of at least this many rows
@@ -275,7 +267,7 @@ def window_batches(src: RasterSource, tiles: Iterable[Tile], pool: ThreadPoolExe
     still running finish in the reader pool, which the caller shuts down before closing ``src``.
     """
     reader = SlabReader(src, pool, threads)
-    tdtype = TORCH_DTYPES.get(src.dtype, torch.float32)
+    tdtype = pixel_torch_dtype(src.dtype)
     bands = reader.bands
     pending: deque[tuple[list[Tile], torch.Tensor, torch.Tensor | None, list[Future[tuple[bool, bool]]]]] = deque()
     lookahead = 0  # slabs started so far: [0, lookahead)

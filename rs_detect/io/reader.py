@@ -29,6 +29,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from rs_detect.errors import InputError
+from rs_detect.errors import one_line as _one_line
 from rs_detect.io.bands import LUMA, BandPlan, Combine, plan_bands
 from rs_detect.io.stretch import add_counts, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
 from rs_detect.memory import mapped_array
@@ -334,10 +335,6 @@ class RasterSource:
         data = self._combine(arr.astype(np.float32))
         s = self.scale
         return np.clip((data - s.low) / (s.high - s.low), 0, 1), f
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def gdal_message(exc: BaseException) -> str:

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import geopandas as gpd
 from pyproj import CRS as ProjCRS
 
 from rs_detect.errors import OutputError
+from rs_detect.fsutil import atomic_path
+from rs_detect.fsutil import atomic_write_text as write_text_atomic
 from rs_detect.style import qml_for, sidecar_path, sidecar_problem, write_gpkg_style
 
 FORMATS = {".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".parquet": "parquet", ".geoparquet": "parquet"}
@@ -59,22 +59,6 @@ def check_writable(path: Path, what: str = "output") -> None:
         raise OutputError(f"{path}: is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: {what} folder {parent} is not writable")
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension); rename it over ``path`` on success."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # drivers want to create the file themselves
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
-            p.unlink(missing_ok=True)
-        raise
 
 
 def write_detections(
@@ -141,13 +125,6 @@ def _present_classes(gdf: gpd.GeoDataFrame) -> list[str]:
         pairs = gdf[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")
         return [str(n) for n in pairs["class_name"]]
     return sorted(str(n) for n in gdf["class_name"].unique())
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
 
 
 def _write_parquet(gdf: gpd.GeoDataFrame, path: Path, meta: dict[str, object]) -> None:

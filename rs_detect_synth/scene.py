@@ -179,20 +179,16 @@ def truth_frame(objects: Sequence[TruthObject], transform: Sequence[float], crs:
 def write_truth(
     objects: Sequence[TruthObject], path: str | os.PathLike[str], transform: Sequence[float], crs: Any
 ) -> Path:
-    """Write the truth as GeoJSON in the scene's CRS, atomically (temp name, then ``os.replace``)."""
+    """Write the truth as GeoJSON in the scene's CRS, atomically (temporary name, then a rename)."""
     import pyogrio
 
+    from rs_detect.fsutil import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         pyogrio.write_dataframe(
             truth_frame(objects, transform, crs), tmp, layer=path.stem, driver="GeoJSON", geometry_type="Polygon"
         )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -1534,23 +1530,19 @@ def _write_raster(path: Path, plan: ScenePlan, dtype: str, striped: bool, transf
     import rasterio
     from rasterio.windows import Window
 
+    from rs_detect.fsutil import atomic_path
+
     layout = {"tiled": False, "blockysize": 16} if striped else {"tiled": True, "blockxsize": 512, "blockysize": 512}
     profile = {
         "driver": "GTiff", "width": plan.width, "height": plan.height, "count": 1, "dtype": dtype, "crs": crs,
         "transform": transform, "compress": "deflate", "predictor": 2, "zlevel": 1, "bigtiff": "if_safer",
         "num_threads": "all_cpus", **layout,
     }
-    tmp = path.with_name(f".{path.name}.partial")
     cache: dict[int, np.ndarray] = {}
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for row0 in range(0, plan.height, band_rows):
-                h = min(band_rows, plan.height - row0)
-                band = render_window(plan, row0, 0, h, plan.width, cache=cache)
-                dst.write(quantize(band, dtype), 1, window=Window(0, row0, plan.width, h))
-                for i in [i for i in cache if plan.shapes.box[i, 3] <= row0 + h]:
-                    del cache[i]
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        for row0 in range(0, plan.height, band_rows):
+            h = min(band_rows, plan.height - row0)
+            band = render_window(plan, row0, 0, h, plan.width, cache=cache)
+            dst.write(quantize(band, dtype), 1, window=Window(0, row0, plan.width, h))
+            for i in [i for i in cache if plan.shapes.box[i, 3] <= row0 + h]:
+                del cache[i]

@@ -1,0 +1,90 @@
+"""Files written whole or not at all, and the one YAML loader.
+
+Every file rs-detect writes (detections, previews, exported models, engines, sidecars, synthetic
+scenes) goes through :func:`atomic_path`: the writer fills a temporary name in the destination
+folder and the finished file is renamed over the target, so a failure or Ctrl-C never leaves a
+partial or corrupt file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rs_detect.errors import RsDetectError, one_line
+
+#: files SQLite (GeoPackage) and GDAL may leave beside a temporary file that failed
+_COMPANIONS = ("-wal", "-shm", "-journal", ".aux.xml")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, parents: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that does not exist yet; rename it over ``path`` on success.
+
+    The temporary name is ``.<stem>.<random>.tmp<suffix>``: hidden, unique, and with the target's
+    suffix, so GDAL/OGR drivers and PIL pick the right format and create the file themselves. When
+    the block raises, the temporary file (and any SQLite journal or GDAL sidecar of it) is removed
+    and the target is left as it was. ``parents=True`` creates the destination folder first.
+    """
+    path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, *(Path(f"{tmp}{c}") for c in _COMPANIONS)):
+            p.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *, fsync: bool = False, parents: bool = False) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_path`; ``fsync`` flushes it to disk before the rename."""
+    with atomic_path(path, parents=parents) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False, parents: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync, parents=parents)
+
+
+def load_yaml_mapping(
+    path: Path,
+    what: str,
+    allowed: set[str] | frozenset[str],
+    error: Callable[[str], RsDetectError],
+    unknown_message: Callable[[str], str] | None = None,
+) -> dict[str, Any]:
+    """A YAML file that must hold a mapping of known keys, or one ``error`` naming the file and the problem.
+
+    ``what`` names the file in messages ("config file", "model YAML"); ``unknown_message(key)`` words
+    the unknown-key problem (default: ``unknown key 'k' (allowed: ...)``). An empty file is ``{}``.
+    """
+    import yaml  # only runs that read YAML pay for it
+
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise error(f"{path}: not valid YAML ({one_line(exc, 160)})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: a {what} must be a mapping of keys to values")
+    unknown = sorted(set(map(str, raw)) - set(allowed))
+    if unknown:
+        text = unknown_message(unknown[0]) if unknown_message else f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        raise error(f"{path}: {text}")
+    return raw
