@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from rs_detect import __version__
 from rs_detect.config import Config, auto_prefetch, auto_read_threads
+from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
 from rs_detect.georef import detections_frame, to_output_crs
@@ -44,7 +44,6 @@ from rs_detect.types import Detections, RunStats, Tile
 
 log = logging.getLogger(__name__)
 
-TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
 @dataclass
@@ -191,7 +190,7 @@ class ScenePipeline:
             stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing (the stretch runs alongside the reads)
             stats.tiles_total = tile_count(src.width, src.height, self.tile_size, cfg.overlap)
             tiles = iter_tiles(src.width, src.height, self.tile_size, cfg.overlap, src.transform)
-            norm = Normalizer(src, self.engine.device, TORCH_FLOATS[self.engine.input_dtype], cfg.nodata_fill)
+            norm = Normalizer(src, self.engine.device, torch_dtype(self.engine.input_dtype), cfg.nodata_fill)
             parts: list[Detections] = []
             bar = tqdm(total=stats.tiles_total, unit="tile", desc=scene.name, disable=not progress,
                        file=sys.stderr, dynamic_ncols=True, leave=False)
