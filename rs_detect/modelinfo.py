@@ -184,7 +184,7 @@ class ModelInfo:
             rows.append(("size", f"{m.channels} channel(s), {m.imgsz}x{m.imgsz} px, stride {m.stride}, {head}"))
             by_cat = {c: [n for n, k in zip(m.names, m.categories) if k == c] for c in ("plane", "ship")}
             others = sum(1 for k in m.categories if k == "other")
-            rows.append(("categories", f"plane: {', '.join(by_cat['plane']) or 'none'}; ship: {', '.join(by_cat['ship']) or 'none'}; "
+            rows.append(("classes", f"plane: {', '.join(by_cat['plane']) or 'none'}; ship: {', '.join(by_cat['ship']) or 'none'}; "
                                        f"other: {others} class(es)"))
         if self.meta_error:
             rows.append(("problem", self.meta_error))
