@@ -36,7 +36,8 @@ from rs_detect.io.prefetch import RawBatch, RawTile, cutter_threads, in_backgrou
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
 from rs_detect.memory import HeapTrimmer, trim_heap
-from rs_detect.postprocess.decode import DecodeParams, decode
+from rs_detect.categories import select as select_classes
+from rs_detect.postprocess.decode import DecodeParams, decode, is_end2end
 from rs_detect.postprocess.nms import nms_per_tile
 from rs_detect.postprocess.stitch import above, merge, reaching, suppress_nested, to_scene
 from rs_detect.preprocess import Normalizer
@@ -108,12 +109,11 @@ class ScenePipeline:
         self._model_hash = model_sha256
 
     def _exclusive_ids(self, classes: tuple[str, ...] | None) -> tuple[int, ...]:
-        """Class ids of ``exclusive_classes`` (names checked against the model's, as for ``classes``)."""
-        names = list(self.meta.names)
-        unknown = [c for c in classes or () if c not in names]
-        if unknown:
-            raise ConfigError(f"exclusive_classes: unknown class {unknown[0]!r} (model classes: {', '.join(names)}; [] disables the step)")
-        return tuple(sorted({names.index(c) for c in classes or ()}))
+        """Class ids of ``exclusive_classes``: categories or class names, among the classes the model has."""
+        if not classes:
+            return ()
+        ids = select_classes(classes, self.meta.names, self.meta.categories, "exclusive_classes", strict=False)
+        return tuple(range(self.meta.nc)) if ids is None else ids
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -154,7 +154,8 @@ class ScenePipeline:
 
     def _decode(self, raw: torch.Tensor, tiles: tuple[Tile, ...]) -> Detections:
         cands = decode(raw, self.meta, self.stitch_params)
-        kept = nms_per_tile(cands, self.config.iou, self.config.max_det, self.meta.nc)
+        iou = None if is_end2end(tuple(raw.shape), self.meta) else self.config.iou  # end-to-end: no NMS
+        kept = nms_per_tile(cands, iou, self.config.max_det, self.meta.nc)
         return to_scene(kept, tiles, self.config.edge_margin).to("cpu")
 
     # -- the scene ---------------------------------------------------------------------------------
@@ -238,7 +239,8 @@ class ScenePipeline:
             t0 = time.perf_counter()
             merged = merge(Detections.concat(parts, self.meta.task), cfg.merge_iou, cfg.merge_ios)
             merged = suppress_nested(above(merged, self.params.conf), self.exclusive_ids, cfg.exclusive_ios, cfg.duplicate_ios)
-            frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name)
+            frame = detections_frame(merged, self.meta.names, src.transform, src.crs, scene.name,
+                                     categories=self.meta.categories, size=(src.width, src.height))
             frame = to_output_crs(frame, cfg.crs, scene.name)
             stats.add_time("stitch", time.perf_counter() - t0)
             names = self.meta.names
@@ -268,6 +270,8 @@ class ScenePipeline:
             "backend": self.engine.backend,
             "task": self.meta.task,
             "classes": list(self.meta.names),
+            "categories": list(self.meta.categories),
+            "end2end": self.meta.end2end,
             "bands": list(src.plan.indexes),
             "band_combine": src.plan.combine,
             "scale": src.scale.as_dict(),

@@ -143,6 +143,8 @@ class ModelInfo:
                 "imgsz": self.meta.imgsz,
                 "stride": self.meta.stride,
                 "num_anchors": self.meta.num_anchors,
+                "end2end": self.meta.end2end,
+                "categories": list(self.meta.categories),
             }
         batch = asdict(self.batch)
         return {
@@ -164,7 +166,12 @@ class ModelInfo:
         if self.meta is not None:
             m = self.meta
             rows.append(("task", f"{m.task}, {m.nc} classes: {', '.join(m.names)}"))
-            rows.append(("size", f"{m.channels} channel(s), {m.imgsz}x{m.imgsz} px, stride {m.stride}, {m.num_anchors} anchors"))
+            head = "end-to-end head (one box per object, no NMS)" if m.end2end else f"{m.num_anchors} anchors"
+            rows.append(("size", f"{m.channels} channel(s), {m.imgsz}x{m.imgsz} px, stride {m.stride}, {head}"))
+            by_cat = {c: [n for n, k in zip(m.names, m.categories) if k == c] for c in ("plane", "ship")}
+            others = sum(1 for k in m.categories if k == "other")
+            rows.append(("classes", f"plane: {', '.join(by_cat['plane']) or 'none'}; ship: {', '.join(by_cat['ship']) or 'none'}; "
+                                       f"other: {others} class(es)"))
         if self.meta_error:
             rows.append(("problem", self.meta_error))
         rows += [("input", t.render()) for t in self.inputs]

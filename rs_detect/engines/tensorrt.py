@@ -351,6 +351,7 @@ def engine_metadata(info: ModelInfo, min_batch: int, opt_batch: int, max_batch: 
         "batch": max_batch,
         "batch_profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
         "fp16": fp16,
+        "end2end": meta.end2end,
         "args": {"dynamic": True, "batch": max_batch, "half": fp16},
     }
 
