@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rs_detect import DOTA_CLASSES  # noqa: E402
-from rs_detect.export import export_ultralytics  # noqa: E402
+from rs_detect.engines.ultralytics import export_ultralytics  # noqa: E402
 
 
 def random_checkpoint(arch: str, path: Path) -> Path:

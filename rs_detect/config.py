@@ -80,7 +80,7 @@ class Config:
     conf: float | None = None  # default: the model's own (model YAML 'conf'), else 0.25
     conf_by_class: dict[str, float] = field(default_factory=dict)
     iou: float = 0.5
-    classes: tuple[str, ...] | None = ("plane", "ship")
+    classes: tuple[str, ...] | None = ("plane", "ship")  # categories and/or model class names (rs_detect.categories)
     max_det: int = 300
     bands: tuple[int, ...] | None = None
     device: Literal["cpu", "cuda"] | str = "cpu"
@@ -89,7 +89,7 @@ class Config:
     merge_iou: float = 0.5
     merge_ios: float = 0.6
     stitch_conf: float = 0.1  # whole boxes down to this score may stand in for a piece cut by a tile edge
-    exclusive_classes: tuple[str, ...] = ("plane", "ship")  # never nest: the lower-scoring nested box goes; () disables
+    exclusive_classes: tuple[str, ...] = ("plane", "ship")  # never nest (categories or names, among the model's classes): the lower-scoring nested box goes; () disables
     exclusive_ios: float = 0.7
     duplicate_ios: float | None = 0.5  # a box this much inside a higher-scoring one of its class is a duplicate; None: keep
     edge_margin: float = 3.0

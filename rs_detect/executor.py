@@ -265,7 +265,7 @@ class SceneExecutor:
                 # every thread is done with the dataset now; it closes in the finally below
                 t0 = time.perf_counter()
                 merged = stitch_scene(parts, self.plan, self.meta, self.thresholds)
-                frame = georeference(merged, self.plan, self.meta, src.transform, src.crs, scene.name)
+                frame = georeference(merged, self.plan, self.meta, src.transform, src.crs, scene.name, (src.width, src.height))
                 stats.add_time("stitch", time.perf_counter() - t0)
                 facts = {
                     "scene": scene.name, "scene_size": [src.width, src.height],

@@ -44,29 +44,68 @@ def apply_affine(transform: Affine, xy: np.ndarray) -> np.ndarray:
     return np.stack((a * x + b * y + c, d * x + e * y + f), axis=-1)
 
 
+def clipped_polygons(corners: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Polygons [K] in scene pixels from [K, 4, 2] corners, clipped to the scene ``size`` (width, height).
+
+    A rotated rectangle reaching past the scene edge keeps only its part inside the scene (the footprint
+    of the raster); an axis-aligned one is already inside (clipped per tile)."""
+    ring = np.concatenate([corners, corners[:, :1]], axis=1)
+    polys = shapely.polygons(ring)
+    if size is None or not len(corners):
+        return polys
+    w, h = size
+    outside = (corners[..., 0].min(1) < 0) | (corners[..., 1].min(1) < 0) | (corners[..., 0].max(1) > w) | (corners[..., 1].max(1) > h)
+    if outside.any():
+        clipped = shapely.intersection(polys[outside], shapely.box(0, 0, w, h))
+        ok = (shapely.get_type_id(clipped) == 3) & (shapely.area(clipped) > 0)  # a polygon, not a sliver
+        fallback = shapely.polygons(np.stack((np.clip(ring[outside][..., 0], 0, w), np.clip(ring[outside][..., 1], 0, h)), -1))
+        polys[outside] = np.where(ok, clipped, fallback)
+    return polys
+
+
+def _map_polygons(polys: np.ndarray, transform: Affine) -> np.ndarray:
+    """Every vertex through the full affine (rotated and south-up transforms included)."""
+    return shapely.transform(polys, lambda xy: apply_affine(transform, xy))
+
+
 def detections_frame(
     dets: Detections,
     names: Sequence[str],
     transform: Affine | None,
     crs: CRS | None,
     scene: str,
+    categories: Sequence[str] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> gpd.GeoDataFrame:
-    """A GeoDataFrame in the scene CRS (or pixel coordinates when ``crs`` is None)."""
+    """A GeoDataFrame in the scene CRS (or pixel coordinates when ``crs`` is None).
+
+    ``categories``: each class's category (plane, ship, other; see :mod:`rs_detect.categories`), written
+    as the ``category`` column. ``size``: the scene's (width, height) in pixels; polygons and pixel boxes
+    are clipped to it.
+    """
     corners = pixel_corners(dets)
-    mapped = corners if crs is None or transform is None else apply_affine(transform, corners)
-    ring = np.concatenate([mapped, mapped[:, :1]], axis=1) if len(mapped) else np.zeros((0, 5, 2))
-    geometry = shapely.polygons(ring) if len(ring) else shapely.points(np.zeros((0, 2)))
+    polys = clipped_polygons(corners, size) if len(corners) else np.zeros(0, dtype=object)
+    if len(polys) and crs is not None and transform is not None:
+        polys = _map_polygons(polys, transform)
+    geometry = polys if len(polys) else shapely.points(np.zeros((0, 2)))
     aabb = dets.aabb().detach().cpu().double().numpy()
+    if size is not None and len(aabb):
+        aabb = np.clip(aabb, 0, [size[0], size[1], size[0], size[1]])
     class_ids = dets.class_ids.cpu().numpy().astype(np.int32)
+    cats = list(categories) if categories is not None else None
     cols: dict[str, object] = {
         "class_id": class_ids,
         "class_name": pd.array([names[i] for i in class_ids], dtype="str") if len(class_ids) else pd.array([], dtype="str"),
+    }
+    if cats is not None:
+        cols["category"] = pd.array([cats[i] for i in class_ids], dtype="str") if len(class_ids) else pd.array([], dtype="str")
+    cols.update({
         "score": dets.scores.detach().cpu().double().numpy().round(4),
         "px_x1": aabb[:, 0].round(2),
         "px_y1": aabb[:, 1].round(2),
         "px_x2": aabb[:, 2].round(2),
         "px_y2": aabb[:, 3].round(2),
-    }
+    })
     if dets.task == "obb":
         b = dets.boxes.detach().cpu().double().numpy()
         cols.update(px_cx=b[:, 0].round(2), px_cy=b[:, 1].round(2), px_w=b[:, 2].round(2), px_h=b[:, 3].round(2),

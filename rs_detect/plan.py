@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rs_detect.categories import select as select_classes
 from rs_detect.config import Config, auto_prefetch, auto_read_threads, cutter_threads
 from rs_detect.errors import ConfigError, ModelError
 from rs_detect.postprocess.decode import DecodeParams
@@ -63,6 +64,8 @@ class EnginePlan:
     device: str
     task: str
     classes: tuple[str, ...]  # the model's class names, by class id
+    categories: tuple[str, ...]  # the category (plane, ship, other) of each class
+    end2end: bool  # an end-to-end head ([B, K, 6|7], no NMS)
     imgsz: int  # the model input size
     batch_size: int  # tiles per engine call
     input_dtype: str  # what the engine takes (float32, float16)
@@ -85,13 +88,15 @@ class ExecutionPlan:
 class PostprocessPlan:
     conf: float  # the output threshold (every class without its own)
     conf_by_class: tuple[tuple[str, float], ...]  # per-class output thresholds in force
-    class_filter: tuple[str, ...] | None  # classes kept (None: all)
+    class_filter: tuple[str, ...] | None  # classes kept, as asked for: categories and/or names (None: all)
+    kept_classes: tuple[str, ...] | None  # the model classes that selects (None: all)
     iou: float  # per-tile NMS
     max_det: int  # per tile
     stitch_conf: float  # decode and stitch down to min(threshold, this); output at the thresholds
     merge_iou: float
     merge_ios: float
-    exclusive_classes: tuple[str, ...]
+    exclusive_classes: tuple[str, ...]  # as asked for: categories and/or names
+    exclusive_model_classes: tuple[str, ...]  # the model classes that selects
     exclusive_ios: float
     duplicate_ios: float | None
 
@@ -148,9 +153,12 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
         raise ConfigError(f"tile size {tile} is larger than the model input {meta.imgsz}")
     if config.overlap >= tile:
         raise ConfigError(f"overlap {config.overlap} must be smaller than the tile size {tile}")
-    unknown = [c for c in config.exclusive_classes or () if c not in names]
-    if unknown:
-        raise ConfigError(f"exclusive_classes: unknown class {unknown[0]!r} (model classes: {', '.join(names)}; [] disables the step)")
+    categories = tuple(meta.categories)
+    kept = select_classes(config.classes, names, categories, "--classes")  # ConfigError for a class the model lacks
+    exclusive: tuple[int, ...] = ()
+    if config.exclusive_classes:
+        ids = select_classes(config.exclusive_classes, names, categories, "exclusive_classes", strict=False)
+        exclusive = tuple(range(meta.nc)) if ids is None else ids
 
     batch = meta.max_batch if not meta.dynamic_batch else max(1, min(config.batch_size or engine.preferred_batch, meta.max_batch))
     device = engine.device.type
@@ -160,8 +168,8 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
     # the user set --conf; the user's per-class thresholds win
     conf = config.conf if config.conf is not None else (meta.conf if meta.conf is not None else DEFAULT_CONF)
     by_class = {**(dict(meta.conf_by_class) if config.conf is None else {}), **config.conf_by_class}
-    try:  # class names (--classes, conf_by_class) as the decoder reads them: a mistake of the settings
-        DecodeParams.build(meta, conf, by_class, config.classes)
+    try:  # per-class thresholds' names as the decoder reads them: a mistake of the settings
+        DecodeParams.build(meta, conf, by_class, None)
     except ModelError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -170,7 +178,8 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
         scaling=ScalingPlan(meta.channels, config.bands, config.scale, config.nodata_fill),
         engine=EnginePlan(
             model=str(model_path) if model_path else meta.source, model_sha256=model_sha256, backend=engine.backend,
-            device=str(engine.device), task=meta.task, classes=tuple(names), imgsz=meta.imgsz, batch_size=batch,
+            device=str(engine.device), task=meta.task, classes=tuple(names), categories=categories, end2end=bool(meta.end2end),
+            imgsz=meta.imgsz, batch_size=batch,
             input_dtype=str(engine.input_dtype)),
         execution=ExecutionPlan(
             read_threads=read_threads, cutter_threads=cutter_threads(read_threads), read_ahead=read_ahead, handover=1,
@@ -179,8 +188,9 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
             gdal_cachemax_mb=None if "GDAL_CACHEMAX" in os.environ else GDAL_CACHEMAX_MB),
         postprocess=PostprocessPlan(
             conf=float(conf), conf_by_class=tuple((k, float(v)) for k, v in by_class.items()),
-            class_filter=config.classes, iou=config.iou, max_det=config.max_det, stitch_conf=config.stitch_conf,
+            class_filter=config.classes, kept_classes=None if kept is None else tuple(names[i] for i in kept), iou=config.iou, max_det=config.max_det, stitch_conf=config.stitch_conf,
             merge_iou=config.merge_iou, merge_ios=config.merge_ios, exclusive_classes=tuple(config.exclusive_classes or ()),
+            exclusive_model_classes=tuple(names[i] for i in exclusive),
             exclusive_ios=config.exclusive_ios, duplicate_ios=config.duplicate_ios),
         output=OutputPlan(config.crs),
     )
@@ -197,6 +207,8 @@ def run_metadata(plan: RunPlan, scene: dict[str, Any], software: str) -> dict[st
         "backend": e.backend,
         "task": e.task,
         "classes": list(e.classes),
+        "categories": list(e.categories),
+        "end2end": e.end2end,
         "tile_size": plan.tiling.tile_size,
         "overlap": plan.tiling.overlap,
         "batch_size": e.batch_size,

@@ -22,7 +22,7 @@ import torch
 from rs_detect.georef import detections_frame, to_output_crs
 from rs_detect.io.bands import BandPlan
 from rs_detect.plan import RunPlan
-from rs_detect.postprocess.decode import DecodeParams, decode
+from rs_detect.postprocess.decode import DecodeParams, decode, is_end2end
 from rs_detect.postprocess.nms import nms_per_tile
 from rs_detect.postprocess.stitch import merge, reaching, suppress_nested, to_scene
 from rs_detect.types import Detections, ModelMeta, RunStats, ScaleInfo, Tile
@@ -33,7 +33,7 @@ class Thresholds:
 
     def __init__(self, plan: RunPlan, meta: ModelMeta) -> None:
         p = plan.postprocess
-        self.output = DecodeParams.build(meta, p.conf, dict(p.conf_by_class), p.class_filter)
+        self.output = DecodeParams.build(meta, p.conf, dict(p.conf_by_class), p.kept_classes)  # resolved names: selected as the plan did
         #: what decoding keeps: the same classes, down to stitch_conf (never above the output thresholds)
         self.decode = replace(self.output, conf=torch.clamp(self.output.conf, max=p.stitch_conf))
 
@@ -57,13 +57,14 @@ class TileDecoder:
 
     def __call__(self, raw: torch.Tensor, tiles: Sequence[Tile]) -> Detections:
         cands = decode(raw, self.meta, self.thresholds.decode)
-        kept = nms_per_tile(cands, self.iou, self.max_det, self.meta.nc)
+        iou = None if is_end2end(tuple(raw.shape), self.meta) else self.iou  # end-to-end heads: no NMS
+        kept = nms_per_tile(cands, iou, self.max_det, self.meta.nc)
         return to_scene(kept, tiles, self.edge_margin).to("cpu")
 
 
 def exclusive_ids(plan: RunPlan, meta: ModelMeta) -> tuple[int, ...]:
     names = list(meta.names)
-    return tuple(sorted({names.index(c) for c in plan.postprocess.exclusive_classes}))
+    return tuple(sorted({names.index(c) for c in plan.postprocess.exclusive_model_classes}))
 
 
 def stitch_scene(parts: list[Detections], plan: RunPlan, meta: ModelMeta, thresholds: Thresholds) -> Detections:
@@ -74,8 +75,10 @@ def stitch_scene(parts: list[Detections], plan: RunPlan, meta: ModelMeta, thresh
     return suppress_nested(thresholds.keep(merged), exclusive_ids(plan, meta), p.exclusive_ios, p.duplicate_ios)
 
 
-def georeference(dets: Detections, plan: RunPlan, meta: ModelMeta, transform: Any, crs: Any, scene: str) -> gpd.GeoDataFrame:
-    frame = detections_frame(dets, meta.names, transform, crs, scene)
+def georeference(dets: Detections, plan: RunPlan, meta: ModelMeta, transform: Any, crs: Any, scene: str,
+                 size: tuple[int, int]) -> gpd.GeoDataFrame:
+    """Scene-pixel detections -> polygons (clipped to the scene's ``size``) in the output CRS."""
+    frame = detections_frame(dets, meta.names, transform, crs, scene, categories=meta.categories, size=size)
     return to_output_crs(frame, plan.output.crs, scene)
 
 

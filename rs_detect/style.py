@@ -89,10 +89,18 @@ def class_colours(names: Sequence[str]) -> dict[str, RGB]:
     ship always cyan); any other name takes the first palette colour not used by the others, in
     model order, so no two classes of one model share a colour while the palette lasts.
     """
+    from rs_detect.categories import PLANE, SHIP, category_of
+
     out: dict[str, RGB] = {}
     for name in names:
         if name in DOTA_CLASSES and name not in out:
             out[name] = PALETTE[DOTA_CLASSES.index(name) % len(PALETTE)]
+    # the first plane-category and ship-category class of another dataset (COCO's airplane, xView's
+    # Fixed-wing Aircraft) takes plane's red and ship's cyan when no class holds them
+    for category, colour in ((PLANE, PALETTE[0]), (SHIP, PALETTE[1])):
+        first = next((n for n in names if n not in out and category_of(n) == category), None)
+        if first is not None and colour not in out.values():
+            out[first] = colour
     free = [c for c in PALETTE if c not in out.values()]
     for i, name in enumerate(n for n in names if n not in out):
         out[name] = free[i] if i < len(free) else PALETTE[i % len(PALETTE)]
@@ -105,9 +113,18 @@ def style_classes(metadata: Mapping[str, Any] | None, present: Iterable[str] = (
     Categories are the classes the run looked for (the class filter, else every model class) plus
     any class actually present, so a style written once also fits later runs of the same setup.
     """
+    from rs_detect.categories import categories_for, select
+
     meta = dict(metadata or {})
     model_classes = [str(c) for c in meta.get("classes") or []]
-    wanted = [str(c) for c in meta.get("class_filter") or []] or list(model_classes)
+    wanted = list(model_classes)
+    class_filter = [str(c) for c in meta.get("class_filter") or []]
+    if class_filter and model_classes:  # the model classes the filter selects (categories or names)
+        cats = meta.get("categories") or categories_for(model_classes)
+        ids = select(class_filter, model_classes, list(cats), strict=False)
+        wanted = list(model_classes) if ids is None else [model_classes[i] for i in ids]
+    elif class_filter:
+        wanted = class_filter
     for name in present:
         if name not in wanted:
             wanted.append(name)

@@ -93,6 +93,18 @@ class ModelMeta:
     conf: float | None = None  # the model's recommended confidence threshold
     conf_by_class: tuple[tuple[str, float], ...] = ()  # the model's recommended per-class thresholds
     source: str = ""
+    #: an end-to-end head (YOLO26, YOLOv10): output [B, K, 6] x1, y1, x2, y2, score, class (OBB: [B, K, 7]
+    #: cx, cy, w, h, score, class, angle), already one box per object, no NMS
+    end2end: bool = False
+    #: the model YAML's ``categories:`` (class name -> plane/ship/other), over rs_detect.categories' table
+    category_overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """The category (plane, ship, other) of each class, in model order."""
+        from rs_detect.categories import categories_for
+
+        return categories_for(self.names, dict(self.category_overrides))
 
     @property
     def nc(self) -> int:
@@ -106,6 +118,11 @@ class ModelMeta:
     @property
     def output_channels(self) -> int:
         return 4 + self.nc + (1 if self.task == "obb" else 0)
+
+    @property
+    def end2end_width(self) -> int:
+        """Values per box of an end-to-end output: 6 (xyxy, score, class), 7 for OBB (+ angle)."""
+        return 7 if self.task == "obb" else 6
 
     def with_batch(self, min_batch: int, opt_batch: int, max_batch: int, dynamic: bool) -> ModelMeta:
         return replace(self, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, dynamic_batch=dynamic)

@@ -16,7 +16,7 @@ from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
 from rs_detect.engines.base import Engine
-from rs_detect.export import export_torch_module_onnx
+from rs_detect.engines.onnxruntime import export_torch_module_onnx
 from rs_detect.types import ModelMeta
 
 SHARED_TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "geotiff"

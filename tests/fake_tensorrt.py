@@ -710,7 +710,7 @@ class MiniYolo(torch.nn.Module):
 
 def mini_onnx(path: Path, imgsz: int = 64, channels: int = 1, task: str = "detect", dynamic: bool = True, batch: int = 1, nc: int = 15) -> Path:
     """Export :class:`MiniYolo` with rs-detect's own exporter (dynamic axes, or the static trap)."""
-    from rs_detect.export import export_torch_module_onnx
+    from rs_detect.engines.onnxruntime import export_torch_module_onnx
 
     names = NAMES[:nc] if nc <= len(NAMES) else tuple(f"c{i}" for i in range(nc))
     return export_torch_module_onnx(MiniYolo(imgsz, channels, nc, task=task), path, imgsz, channels, names, task,

@@ -38,7 +38,7 @@ from rs_detect.batch import (
 from rs_detect.cli.batch import batch
 from rs_detect.config import Config
 from rs_detect.errors import InputError
-from rs_detect.export import export_torch_module_onnx
+from rs_detect.engines.onnxruntime import export_torch_module_onnx
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::rasterio.errors.NotGeoreferencedWarning",  # the scene without CRS, on purpose

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from fake_tensorrt import MiniYolo, legacy_onnx_export
 
-from rs_detect.engines.tensorrt import TensorRTEngine, read_engine_file, sidecar_path, split_header
+from rs_detect.engines.tensorrt import TensorRTEngine, build_engine
+from rs_detect.engines.tensorrt_plan import read_engine_file, sidecar_path, split_header
 from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError
-from rs_detect.export import build_engine
 
 
 def test_profile_flags_and_workspace(fake_trt: ft.FakeState, batch_models: dict[str, Path], tmp_path: Path) -> None:

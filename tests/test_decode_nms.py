@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rs_detect import DOTA_CLASSES
-from rs_detect.errors import ModelError
+from rs_detect.errors import ConfigError, ModelError
 from rs_detect.postprocess.decode import DecodeParams, check_output_shape, decode
 from rs_detect.postprocess.geometry import obb_corners, probiou, regularize_obb
 from rs_detect.postprocess.nms import nms_per_tile
@@ -128,7 +128,7 @@ def test_thresholds_cached_per_device_follow_a_replaced_copy() -> None:
 
 def test_unknown_class_name_is_refused() -> None:
     meta = ModelMeta(names=DOTA_CLASSES, imgsz=IMGSZ)
-    with pytest.raises(ModelError, match="unknown class 'boat'"):
+    with pytest.raises(ConfigError, match="no class 'boat'"):
         DecodeParams.build(meta, 0.25, None, ("plane", "boat"))
 
 

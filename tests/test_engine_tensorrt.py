@@ -17,9 +17,9 @@ import torch
 from fake_tensorrt import mini_onnx
 
 from rs_detect.engines import load_engine
-from rs_detect.engines.tensorrt import TensorRTEngine, read_engine_file, split_header
+from rs_detect.engines.tensorrt import TensorRTEngine
+from rs_detect.engines.tensorrt_plan import read_engine_file, split_header, write_engine_file
 from rs_detect.errors import EngineUnavailableError, ModelError
-from rs_detect.export import write_engine_file
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from fake_tensorrt import MiniYolo, edit_batch_dims, legacy_onnx_export, mini_on
 from onnx import TensorProto, helper
 
 from rs_detect.errors import ModelError
-from rs_detect.modelinfo import compare_batch_runs, inspect_model, scan_baked_batch
+from rs_detect.engines import inspect_model
+from rs_detect.engines.modelinfo import compare_batch_runs
+from rs_detect.engines.onnx_graph import scan_baked_batch
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,7 @@ class _MixesBatch(torch.nn.Module):
 def test_run_check_catches_images_mixed_across_the_batch(tmp_path: Path) -> None:
     from fake_tensorrt import NAMES
 
-    from rs_detect.export import export_torch_module_onnx
+    from rs_detect.engines.onnxruntime import export_torch_module_onnx
 
     path = export_torch_module_onnx(_MixesBatch(), tmp_path / "mix.onnx", 64, 1, NAMES, "detect")
     info = inspect_model(path)
@@ -176,7 +178,7 @@ def test_spatial_fallback_to_imgsz_when_small_size_fails(tmp_path: Path) -> None
     """MiniYolo has fixed anchors: dynamic H/W dims lie, so the check falls back to imgsz."""
     path = legacy_onnx_export(MiniYolo(imgsz=160), tmp_path / "anchors.onnx", 160,
                               {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch"}})
-    from rs_detect.modelinfo import check_onnx_batch
+    from rs_detect.engines.onnxruntime import check_onnx_batch
 
     check = check_onnx_batch(path, imgsz=160, channels=1)
     assert check.dynamic and check.run is not None and check.run.spatial == 160 and check.notes == ()

@@ -17,7 +17,7 @@ from rasterio.transform import from_origin
 
 from rs_detect import DOTA_CLASSES
 from rs_detect.errors import OutputError
-from rs_detect.export import export_torch_module_onnx
+from rs_detect.engines.onnxruntime import export_torch_module_onnx
 from rs_detect.io.reader import ScaleConfig
 from rs_detect.pipeline import SceneResult
 from rs_detect.postprocess.geometry import obb_corners

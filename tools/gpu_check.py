@@ -178,7 +178,7 @@ class TinyYoloV8(torch.nn.Module):
 
 def build_tiny_pair(folder: Path, imgsz: int = 256) -> tuple[Path, Path]:
     """Export the tiny model to ONNX (rs-detect's exporter) and TorchScript (config.txt metadata)."""
-    from rs_detect.export import export_torch_module_onnx
+    from rs_detect.engines.onnxruntime import export_torch_module_onnx
 
     model = TinyYoloV8(imgsz).eval()
     onnx_path = export_torch_module_onnx(model, folder / "tiny.onnx", imgsz, 1, DOTA_CLASSES, "detect")

@@ -17,6 +17,7 @@ from rs_detect.cli.detect import detect
 from rs_detect.cli.evaluate import eval_cmd
 from rs_detect.cli.models import build_engine, export, inspect
 from rs_detect.cli.synth import synth
+from rs_detect.errors import one_line
 
 
 class DefaultGroup(click.Group):
@@ -44,7 +45,7 @@ class _EchoHandler(logging.Handler):
     """One line per record on the *current* stderr (click's runner swaps it in tests)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}", err=True)
+        click.echo(f"{record.levelname.lower()}: {one_line(record.getMessage())}", err=True)
 
 
 def _setup_logging() -> None:

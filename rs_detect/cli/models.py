@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rs_detect.cli.detect import fail
+from rs_detect.engines.registry import EXPORT_FORMATS
 from rs_detect.errors import RsDetectError
 
 
@@ -31,7 +32,7 @@ def inspect(model: Path, as_json: bool, model_yaml: Path | None, no_run: bool) -
     graph for nodes that bake a batch size in (a static export whose input dims were edited later).
     Exit 0 when the model can be used with dynamic batching, 1 when not (static batch N) or on error.
     """
-    from rs_detect.modelinfo import inspect_model
+    from rs_detect.engines import inspect_model
 
     try:
         info = inspect_model(model, model_yaml, run=not no_run)
@@ -47,16 +48,16 @@ def inspect(model: Path, as_json: bool, model_yaml: Path | None, no_run: bool) -
 @click.option("--imgsz", type=click.IntRange(min=32), default=1024, show_default=True, help="Input size (square).")
 @click.option("--opset", type=click.IntRange(min=11), default=17, show_default=True, help="ONNX opset.")
 @click.option("--half", is_flag=True, help="fp16 weights (ONNX; I/O stays float32).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: WEIGHTS with the format's suffix].")
 @click.option("--device", default="cpu", show_default=True, help="Device Ultralytics exports on (cpu, 0, cuda:0).")
 def export(weights: Path, imgsz: int, opset: int, half: bool, fmt: str, output: Path | None, device: str) -> None:
     """Export Ultralytics WEIGHTS.pt with a truly dynamic batch (dynamic=True), then prove it.
 
     Needs the optional extra: pip install 'rs-detect[export]'. Fails (exit 1) if the result is not
-    batch-dynamic. For a plain torch model use rs_detect.export.export_torch_module_onnx.
+    batch-dynamic. For a plain torch model use rs_detect.engines.onnxruntime.export_torch_module_onnx.
     """
-    from rs_detect.export import export_ultralytics
+    from rs_detect.engines.ultralytics import export_ultralytics
 
     try:
         info = export_ultralytics(weights, imgsz=imgsz, opset=opset, half=half, fmt=fmt, output=output, device=device)  # type: ignore[arg-type]
@@ -84,7 +85,7 @@ def build_engine(model: Path, min_batch: int, opt_batch: int, max_batch: int, fp
              --optShapes=images:8x1x1024x1024 --maxShapes=images:32x1x1024x1024 --saveEngine=MODEL.plan
     A static-batch ONNX is refused (see rs-detect inspect). Needs TensorRT 10+ (pip install tensorrt).
     """
-    from rs_detect.export import build_engine as build
+    from rs_detect.engines.tensorrt import build_engine as build
 
     try:
         result = build(model, output, min_batch, opt_batch, max_batch, fp16, workspace)

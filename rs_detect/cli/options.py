@@ -31,7 +31,8 @@ SCENE_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config (unknown keys are refused)."),
     click.option("--conf", type=float, help="Confidence threshold [default 0.25]."),
     click.option("--iou", type=float, help="NMS IoU threshold [default 0.5]."),
-    click.option("--classes", callback=_csv(str), help="Classes to keep, by name [default plane,ship]; 'all' keeps every class."),
+    click.option("--classes", callback=_csv(str), help="Classes to keep: categories (plane, ship, other) and/or the model's class names, e.g. airplane "
+                 "[default plane,ship: every class whose category is plane or ship; see docs/models.md]; 'all' keeps every class."),
     click.option("--batch-size", type=click.IntRange(min=1), help="Tiles per engine call [default: the engine's preferred batch]."),
     click.option("--tile-size", type=click.IntRange(min=32), help="Window size in pixels [default: the model input size]."),
     click.option("--overlap", type=click.IntRange(min=0), help="Overlap between windows in pixels [default 192]."),

@@ -1,57 +1,32 @@
-"""Engine backends, one class per runtime, chosen by the model file's suffix.
+"""Engine backends, one module per model format, chosen by the model file's suffix.
 
-| suffix                      | backend                                         |
-|-----------------------------|-------------------------------------------------|
-| .onnx                       | :class:`~rs_detect.engines.onnxruntime.OnnxRuntimeEngine` |
-| .engine, .plan              | :class:`~rs_detect.engines.tensorrt.TensorRTEngine` (TensorRT 10+) |
-| .torchscript, .ts, .pt      | :class:`~rs_detect.engines.torch.TorchScriptEngine` |
+| suffix                      | module (load, inspect, export/build)                              |
+|-----------------------------|--------------------------------------------------------------------|
+| .onnx                       | :mod:`rs_detect.engines.onnxruntime` (ONNX Runtime)                |
+| .engine, .plan              | :mod:`rs_detect.engines.tensorrt` (TensorRT 10+)                   |
+| .torchscript, .ts, .pt      | :mod:`rs_detect.engines.torch` (PyTorch, TorchScript)              |
 
-Backends import their runtime lazily, so a CPU-only install never imports TensorRT or pycuda.
+The table lives in :mod:`rs_detect.engines.registry`; adding a backend is its module plus one line
+there. Backends import their runtime lazily, so a CPU-only install never imports TensorRT or pycuda,
+and importing this package (e.g. for ``rs-detect --help``) imports no runtime at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rs_detect.engines.base import Engine
-from rs_detect.errors import ModelError
+from rs_detect.engines.registry import BACKENDS, SUFFIXES, backend_for, inspect_model, load_engine
 
-SUFFIXES = {
-    ".onnx": "onnxruntime",
-    ".engine": "tensorrt",
-    ".plan": "tensorrt",
-    ".torchscript": "torch",
-    ".ts": "torch",
-    ".pt": "torch",
-}
+if TYPE_CHECKING:
+    from rs_detect.engines.base import Engine
 
 
-def backend_for(path: Path) -> str:
-    backend = SUFFIXES.get(path.suffix.lower())
-    if backend is None:
-        raise ModelError(f"{path}: unknown model format {path.suffix!r} (expected one of {', '.join(sorted(SUFFIXES))})")
-    return backend
+def __getattr__(name: str) -> Any:
+    if name == "Engine":  # the interface imports torch: only on demand
+        from rs_detect.engines.base import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_engine(path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, **kwargs: Any) -> Engine:
-    """Load ``path`` once with the backend its suffix names."""
-    path = Path(path)
-    backend = backend_for(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
-    if backend == "onnxruntime":
-        from rs_detect.engines.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(path, device=device, model_yaml=model_yaml, **kwargs)
-    if backend == "tensorrt":
-        from rs_detect.engines.tensorrt import TensorRTEngine
-
-        return TensorRTEngine(path, device=device, model_yaml=model_yaml, **kwargs)
-    from rs_detect.engines.torch import TorchScriptEngine
-
-    return TorchScriptEngine(path, device=device, model_yaml=model_yaml, **kwargs)
-
-
-__all__ = ["Engine", "load_engine", "backend_for", "SUFFIXES"]
+__all__ = ["Engine", "load_engine", "inspect_model", "backend_for", "BACKENDS", "SUFFIXES"]

@@ -4,7 +4,8 @@ Sources, lowest precedence first:
 1. the model file: ONNX custom metadata or an Ultralytics .engine header (names, imgsz, stride, task,
    batch, channels: Ultralytics writes them as Python literals), or a plan's sidecar JSON;
 2. a model YAML (``<model>.yaml`` beside the model, or ``model_meta`` in the config) with keys
-   ``names``, ``imgsz``, ``channels``, ``task``, ``batch: {min, opt, max}``; the YAML wins.
+   ``names``, ``imgsz``, ``channels``, ``task``, ``batch: {min, opt, max}``, ``conf``, ``conf_by_class``,
+   ``end2end`` (an NMS-free head) and ``categories`` (class name -> plane/ship/other); the YAML wins.
 What the runtime itself reports (input shape, batch dims) is then checked against the result.
 
 A bad value is a :class:`ModelError` when the model file carries it and a :class:`ConfigError`
@@ -25,7 +26,7 @@ from rs_detect.errors import ConfigError, ModelError, RsDetectError
 from rs_detect.fsutil import load_yaml_mapping
 from rs_detect.types import ModelMeta
 
-YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf", "conf_by_class"}
+YAML_KEYS = {"names", "imgsz", "channels", "task", "batch", "stride", "conf", "conf_by_class", "categories", "end2end"}
 
 
 def _literal(value: Any) -> Any:
@@ -82,6 +83,16 @@ def from_mapping(
         if bad:
             raise error(f"{source}: conf_by_class[{bad[0][0]}] must be in [0, 1], got {bad[0][1]}")
         updates["conf_by_class"] = pairs
+    if "end2end" in raw:  # Ultralytics writes it (YOLO26, YOLOv10 exports); a string "True"/"False" in ONNX
+        flag = _literal(raw["end2end"])
+        if isinstance(flag, str):
+            flag = flag.strip().lower() in ("true", "1", "yes")
+        updates["end2end"] = bool(flag)
+    if "categories" in raw:
+        cats = _literal(raw["categories"])
+        if not isinstance(cats, Mapping):
+            raise error(f"{source}: categories must map class names to plane, ship or other, got {type(cats).__name__}")
+        updates["category_overrides"] = tuple((str(k), str(v).strip().lower()) for k, v in cats.items())
     if "stride" in raw:
         updates["stride"] = int(_literal(raw["stride"]))
     if "task" in raw:
@@ -126,6 +137,10 @@ def resolve(model: Path, file_meta: Mapping[str, Any], override: Mapping[str, An
     yaml_meta = model_yaml(model, override)
     if yaml_meta:
         meta = from_mapping(yaml_meta, meta, source=str(model), error=ConfigError)
+    if meta.category_overrides:
+        from rs_detect.categories import check_overrides
+
+        check_overrides(dict(meta.category_overrides), meta.names, f"{model}: model YAML")
     return meta
 
 

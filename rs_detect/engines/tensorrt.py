@@ -1,30 +1,30 @@
-"""TensorRT 10+ backend: named I/O tensors, one execution context, device buffers allocated once.
+"""The TensorRT 10+ backend: load a plan, inspect it, build one from a batch-dynamic ONNX.
 
-What the seed's example did per batch (deserialize the plan, allocate buffers, look the tensors up
-by index) happens here once per engine:
+* load - :class:`TensorRTEngine`. What the seed's example did per batch (deserialize the plan,
+  allocate buffers, look the tensors up by index) happens here once per engine: the plan is read
+  once (:mod:`~rs_detect.engines.tensorrt_plan`: plain plan, Ultralytics header, sidecar JSON); I/O
+  tensors are found by name and mode (``get_tensor_mode``), never by index; the batch bounds come
+  from the input's optimization profile (``get_tensor_profile_shape``), a static engine gets its
+  fixed batch and :meth:`Engine.infer` splits and pads to them; device buffers
+  (:mod:`~rs_detect.engines.tensorrt_memory`) are allocated for the profile's max batch and bound
+  with ``set_tensor_address`` once; each batch only calls ``set_input_shape`` (when the size
+  changes), copies in, ``execute_async_v3`` on one stream, and copies out.
+* inspect - :func:`inspect`: I/O, profile and metadata without buffers or execution.
+* build - :func:`build_engine`: the TensorRT builder + ONNX parser with one optimization profile, the
+  Python equivalent of ``trtexec --onnx=M.onnx --minShapes=images:1x1x1024x1024
+  --optShapes=images:8x1x1024x1024 --maxShapes=images:32x1x1024x1024 --saveEngine=M.plan``. A
+  ``.engine`` output gets an Ultralytics-style header, which Ultralytics reads too; any other suffix
+  (``.plan``) stays a plain plan that trtexec can load, with the metadata in ``<name>.json``.
 
-* the plan is read once: a plain plan as ``trtexec --saveEngine`` writes it, or an Ultralytics-style
-  ``.engine`` (4-byte little-endian length + JSON metadata + plan); a sidecar ``<plan>.json`` (what
-  ``rs-detect build-engine -o X.plan`` writes, so trtexec can still load the plan) is read too;
-* I/O tensors are found by name and mode (``get_tensor_mode``), never by index;
-* the batch bounds come from the input's optimization profile (``get_tensor_profile_shape``), a
-  static engine gets its fixed batch; :meth:`Engine.infer` splits and pads to them;
-* device buffers are allocated for the profile's max batch and bound with ``set_tensor_address``
-  once; each batch only calls ``set_input_shape`` (when the size changes), copies in,
-  ``execute_async_v3`` on one stream, and copies out.
-
-Device memory: torch CUDA tensors when torch sees a GPU (the output then stays on the GPU, so decode
-and NMS run there too); otherwise pycuda, as in the seed, with pinned host buffers and async copies
-on one stream. Metadata precedence: engine dims < header < sidecar JSON < model YAML.
+Metadata precedence: engine dims < header < sidecar JSON < model YAML. TensorRT is imported only
+when a plan is loaded, inspected or built.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,15 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from rs_detect.dtypes import torch_dtype
+from rs_detect import __version__
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
-from rs_detect.errors import EngineUnavailableError, ModelError, RsDetectError, one_line
+from rs_detect.engines.modelinfo import BatchCheck, ModelInfo, TensorInfo, require_dynamic
+from rs_detect.engines.tensorrt_memory import PycudaBuffers, TorchBuffers, cuda_torch_device, import_pycuda, on_device
+from rs_detect.engines.tensorrt_plan import EngineFile, read_engine_file, write_engine_file
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, RsDetectError
+from rs_detect.postprocess.decode import check_output_shape
 from rs_detect.types import ModelMeta
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN_BYTES = 4
+FORMAT = "tensorrt"
 
 
 def import_tensorrt(where: str = "TensorRT") -> ModuleType:
@@ -54,61 +58,7 @@ def import_tensorrt(where: str = "TensorRT") -> ModuleType:
     return trt
 
 
-# -- the file: plan, header, sidecar --------------------------------------------------------------------
-
-
-def sidecar_path(path: Path) -> Path:
-    """``model.plan`` -> ``model.plan.json``: metadata beside a plain plan."""
-    return path.with_name(path.name + ".json")
-
-
-@dataclass(frozen=True)
-class EngineFile:
-    """A plan's bytes and the metadata found around it."""
-
-    plan: bytes
-    metadata: dict[str, Any]
-    header: bool
-    sidecar: Path | None
-
-
-def split_header(data: bytes) -> tuple[int, dict[str, Any]]:
-    """Ultralytics header: 4-byte little-endian length, then that much JSON. ``(0, {})`` when absent."""
-    if len(data) < HEADER_LEN_BYTES:
-        return 0, {}
-    n = int.from_bytes(data[:HEADER_LEN_BYTES], byteorder="little", signed=False)
-    if 0 < n <= len(data) - HEADER_LEN_BYTES:
-        try:
-            meta = json.loads(data[HEADER_LEN_BYTES : HEADER_LEN_BYTES + n])
-        except (ValueError, UnicodeDecodeError):
-            return 0, {}  # plan bytes are not JSON: no header
-        if isinstance(meta, dict):
-            return HEADER_LEN_BYTES + n, meta
-    return 0, {}
-
-
-def read_engine_file(path: Path) -> EngineFile:
-    """The plan bytes (header skipped) and its metadata: header, then sidecar JSON on top."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read the engine ({exc.strerror})") from None
-    offset, meta = split_header(data)
-    side = sidecar_path(path)
-    found = None
-    if side.is_file():
-        try:
-            extra = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{side}: not a JSON metadata sidecar ({one_line(exc)})") from None
-        if not isinstance(extra, dict):
-            raise ModelError(f"{side}: a metadata sidecar must be a JSON object")
-        meta = {**meta, **extra}
-        found = side
-    return EngineFile(data[offset:], meta, offset > 0, found)
-
-
-# -- I/O description ------------------------------------------------------------------------------------
+# -- I/O description ----------------------------------------------------------------------------------------
 
 
 Shape = tuple[int, ...]
@@ -196,8 +146,6 @@ def resolve_engine_meta(path: Path, file: EngineFile, inp: IOTensor, out: IOTens
         lo, opt, hi = meta.min_batch, max(meta.min_batch, min(meta.opt_batch, meta.max_batch)), meta.max_batch
     meta = meta.with_batch(lo, opt, hi, dynamic=dynamic and hi > lo)
     if len(out.shape) == 3 and out.shape[1] > 0 and out.shape[2] > 0:
-        from rs_detect.postprocess.decode import check_output_shape
-
         check_output_shape((1, out.shape[1], out.shape[2]), meta, where)
     return meta
 
@@ -248,131 +196,7 @@ def _deserialize(trt: ModuleType, logger: Any, plan: bytes, path: Path) -> tuple
     return runtime, engine
 
 
-# -- device memory --------------------------------------------------------------------------------------
-
-
-class TorchBuffers:
-    """Buffers as torch tensors on one device, one stream; the output stays on that device.
-
-    Used with CUDA tensors in production; the tests run the same code with CPU tensors (stream 0)
-    against the fake TensorRT, which reads the raw addresses.
-    """
-
-    def __init__(self, device: torch.device, specs: Mapping[str, tuple[Shape, np.dtype]]) -> None:
-        self.device = device
-        self.tensors = {name: torch.empty(shape, dtype=torch_dtype(dtype), device=device) for name, (shape, dtype) in specs.items()}
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    @property
-    def handle(self) -> int:
-        return int(self.stream.cuda_stream) if self.stream is not None else 0
-
-    def address(self, name: str) -> int:
-        return int(self.tensors[name].data_ptr())
-
-    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-    def upload(self, name: str, images: np.ndarray | torch.Tensor) -> None:
-        dst = self.tensors[name]
-        src = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        if self.stream is not None and src.device.type == "cuda":
-            self.stream.wait_stream(torch.cuda.current_stream(src.device))  # src may still be being written
-        with self._on_stream():
-            dst[: src.shape[0]].copy_(src.to(dst.dtype), non_blocking=True)
-
-    def download(self, name: str, shape: Shape) -> torch.Tensor:
-        count = int(np.prod(shape))
-        with self._on_stream():
-            out = self.tensors[name].view(-1)[:count].view(shape).to(torch.float32, copy=True)
-        if self.stream is not None:
-            # no host sync: whoever uses ``out`` on the caller's stream waits for this stream, so the
-            # next batch can be queued while this one is decoded (the copy above is ordered before it)
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)
-            out.record_stream(current)
-        return out
-
-    def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def close(self) -> None:
-        self.tensors.clear()
-
-
-class PycudaBuffers:
-    """The seed's memory scheme, done once: pinned host buffers, device allocations, one stream."""
-
-    def __init__(self, specs: Mapping[str, tuple[Shape, np.dtype]]) -> None:
-        cuda = _import_pycuda()
-        self.cuda = cuda
-        self.host = {name: cuda.pagelocked_empty(int(np.prod(shape)), dtype) for name, (shape, dtype) in specs.items()}
-        self.dev = {name: cuda.mem_alloc(int(self.host[name].nbytes)) for name in specs}
-        self.stream = cuda.Stream()
-        self.device = torch.device("cpu")
-
-    @property
-    def handle(self) -> int:
-        return int(self.stream.handle)
-
-    def address(self, name: str) -> int:
-        return int(self.dev[name])
-
-    def upload(self, name: str, images: np.ndarray | torch.Tensor) -> None:
-        arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-        host = self.host[name][: arr.size]
-        host.reshape(arr.shape)[...] = arr  # converts to the engine dtype into pinned memory
-        self.cuda.memcpy_htod_async(self.dev[name], host, self.stream)
-
-    def download(self, name: str, shape: Shape) -> torch.Tensor:
-        host = self.host[name][: int(np.prod(shape))]
-        self.cuda.memcpy_dtoh_async(host, self.dev[name], self.stream)
-        self.stream.synchronize()
-        return torch.from_numpy(host.reshape(shape).astype(np.float32, copy=True))
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-    def close(self) -> None:
-        for alloc in self.dev.values():
-            alloc.free()
-        self.dev.clear()
-        self.host.clear()
-
-
-def _import_pycuda() -> ModuleType:
-    try:
-        import pycuda.autoinit  # noqa: F401 - creates the CUDA context TensorRT runs in
-        import pycuda.driver as cuda
-    except ImportError:
-        raise EngineUnavailableError(
-            "TensorRT needs device memory: install PyTorch with CUDA support, or pycuda (pip install pycuda)"
-        ) from None
-    except Exception as exc:  # pycuda's own LogicError/RuntimeError when no GPU or driver answers
-        raise EngineUnavailableError(f"TensorRT needs a CUDA GPU: pycuda could not start ({one_line(exc)})") from None
-    return cuda
-
-
-def cuda_torch_device(device: str) -> torch.device | None:
-    """The torch CUDA device to run on, or None when torch sees no GPU (then pycuda is used)."""
-    if not torch.cuda.is_available():
-        return None
-    if device.startswith("cuda:"):
-        return torch.device(device)
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-@contextlib.contextmanager
-def _on_device(device: torch.device | None) -> Iterator[None]:
-    if device is not None and device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
-
-
-# -- the engine -------------------------------------------------------------------------------------------
+# -- load ---------------------------------------------------------------------------------------------------
 
 
 class TensorRTEngine(Engine):
@@ -392,9 +216,9 @@ class TensorRTEngine(Engine):
         if torch_device is None and device not in ("cuda", "cuda:0"):
             raise EngineUnavailableError(f"{path}: {device} needs PyTorch with CUDA support (the pycuda fallback uses cuda:0 only)")
         if torch_device is None:
-            _import_pycuda()  # its context must exist before TensorRT deserializes
+            import_pycuda()  # its context must exist before TensorRT deserializes
         self._logger = trt.Logger(trt.Logger.WARNING)
-        with _on_device(torch_device):
+        with on_device(torch_device):
             self._runtime, self._engine = _deserialize(trt, self._logger, file.plan, path)
             io = engine_io(self._engine, trt)
             inputs = [t for t in io if t.is_input]
@@ -440,7 +264,7 @@ class TensorRTEngine(Engine):
         shape = (int(images.shape[0]), *self._max_shape[1:])
         if tuple(images.shape) != shape:
             raise ModelError(f"{self.path}: got images {list(images.shape)}, the engine takes [N, {', '.join(str(d) for d in shape[1:])}]")
-        with _on_device(self._torch_device):
+        with on_device(self._torch_device):
             self._set_shape(shape)
             self._buffers.upload(self._input.name, images)
             if not self._context.execute_async_v3(self._buffers.handle):
@@ -456,3 +280,132 @@ class TensorRTEngine(Engine):
         self._context = None
         self._engine = None
         self._runtime = None
+
+
+def load(path: Path, device: str = "cuda", model_yaml: Mapping[str, Any] | Path | None = None, **kwargs: Any) -> TensorRTEngine:
+    return TensorRTEngine(path, device=device, model_yaml=model_yaml, **kwargs)
+
+
+# -- inspect ------------------------------------------------------------------------------------------------
+
+
+def inspect(path: Path, model_yaml: Mapping[str, Any] | Path | None = None, run: bool = True) -> ModelInfo:
+    """I/O and profile from the TensorRT API, metadata from header/sidecar (``run`` is unused: the profile is the evidence)."""
+    desc = describe_engine_file(path, model_yaml)
+    inputs = tuple(TensorInfo(t.name, t.shape, str(t.dtype)) for t in desc.io if t.is_input)
+    outputs = tuple(TensorInfo(t.name, t.shape, str(t.dtype)) for t in desc.io if not t.is_input)
+    lo, opt, hi = desc.batch_bounds
+    if desc.dynamic and hi > lo:
+        verdict = f"dynamic batch: the optimization profile allows batch {lo} to {hi} (opt {opt})"
+        batch = BatchCheck(True, verdict, True, min_batch=lo, opt_batch=opt, max_batch=hi)
+    else:
+        verdict = f"static batch {hi}: the engine runs only with batch {hi}"
+        batch = BatchCheck(False, verdict, desc.dynamic, fixed_batch=hi, min_batch=lo, opt_batch=opt, max_batch=hi,
+                           fix="rebuild from a dynamic-batch ONNX: rs-detect build-engine MODEL.onnx --min-batch 1 --opt-batch 8 --max-batch 32")
+    batch = replace(batch, notes=tuple(desc.notes))
+    return ModelInfo(path, FORMAT, inputs, outputs, batch, desc.meta, desc.meta_error, desc.metadata)
+
+
+# -- build --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A built engine: where it went, its metadata, and where that metadata lives."""
+
+    path: Path
+    metadata: dict[str, Any]
+    sidecar: Path | None
+    input_name: str
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+    def trtexec_line(self, onnx_path: Path) -> str:
+        """The equivalent trtexec command (what the seed ran)."""
+        fmt = ["x".join(str(d) for d in s) for s in self.shapes]
+        name = self.input_name
+        fp16 = " --fp16" if self.metadata.get("fp16") else ""
+        return (f"trtexec --onnx={onnx_path} --minShapes={name}:{fmt[0]} --optShapes={name}:{fmt[1]} "
+                f"--maxShapes={name}:{fmt[2]}{fp16} --saveEngine={self.path.with_suffix('.plan')}")
+
+
+def _network_flags(trt: ModuleType) -> int:
+    """TensorRT 10 networks are always explicit-batch (flag 0); older ones need EXPLICIT_BATCH."""
+    major = int(str(getattr(trt, "__version__", "10")).split(".")[0])
+    return 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+
+def engine_metadata(info: ModelInfo, min_batch: int, opt_batch: int, max_batch: int, fp16: bool, onnx_path: Path, trt_version: str) -> dict[str, Any]:
+    """Ultralytics-compatible keys (``batch`` stays an int) plus the profile under ``batch_profile``."""
+    meta = info.meta
+    assert meta is not None
+    return {
+        "description": f"TensorRT engine built by rs-detect {__version__} from {onnx_path.name}",
+        "author": "rs-detect",
+        "version": __version__,
+        "tensorrt": trt_version,
+        "task": meta.task,
+        "stride": meta.stride,
+        "imgsz": [meta.imgsz, meta.imgsz],
+        "channels": meta.channels,
+        "names": {i: n for i, n in enumerate(meta.names)},
+        "batch": max_batch,
+        "batch_profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+        "fp16": fp16,
+        "end2end": meta.end2end,
+        "args": {"dynamic": True, "batch": max_batch, "half": fp16},
+    }
+
+
+def build_engine(
+    onnx_path: Path,
+    output: Path | None = None,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    fp16: bool = False,
+    workspace_gb: float | None = None,
+) -> BuildResult:
+    """Build a TensorRT engine with one optimization profile from a truly batch-dynamic ONNX."""
+    onnx_path = Path(onnx_path)
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ConfigError(f"{onnx_path}: batch bounds must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
+    if not onnx_path.is_file():
+        raise ModelError(f"{onnx_path}: model file not found")
+    if onnx_path.suffix.lower() != ".onnx":
+        raise ModelError(f"{onnx_path}: build-engine takes an ONNX model")
+    output = Path(output) if output else onnx_path.with_suffix(".engine")
+    trt = import_tensorrt(str(onnx_path))  # fail before the slow check when TensorRT is missing
+    from rs_detect.engines import onnxruntime
+
+    info = onnxruntime.inspect(onnx_path)
+    if info.meta is None or info.meta_error:
+        raise ModelError(info.meta_error or f"{onnx_path}: no usable model metadata")
+    require_dynamic(info)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ModelError(f"{onnx_path}: the TensorRT ONNX parser failed ({'; '.join(' '.join(e.split()) for e in errors[:3]) or 'no detail'})")
+    if network.num_inputs != 1:
+        raise ModelError(f"{onnx_path}: expected one image input, the parser found {network.num_inputs}")
+    inp = network.get_input(0)
+    meta = info.meta
+    _, c, h, w = (int(d) for d in inp.shape)
+    c, h, w = (c if c > 0 else meta.channels), (h if h > 0 else meta.imgsz), (w if w > 0 else meta.imgsz)
+    shapes = ((min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    config = builder.create_builder_config()
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, *shapes)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelError(f"{onnx_path}: TensorRT could not build the engine (see the TensorRT log above; try a larger --workspace)")
+    meta_out = engine_metadata(info, min_batch, opt_batch, max_batch, fp16, onnx_path, str(getattr(trt, "__version__", "?")))
+    side = write_engine_file(output, memoryview(plan), meta_out)
+    return BuildResult(output, meta_out, side, inp.name, shapes)

@@ -1,4 +1,8 @@
-"""PyTorch backend: a TorchScript model as Ultralytics exports it (``format="torchscript"``).
+"""The PyTorch backend: load, inspect and export a TorchScript model as Ultralytics exports it.
+
+* load - :class:`TorchScriptEngine` on the CPU (fp32) or one CUDA GPU (fp16 by default);
+* inspect - :func:`inspect`: TorchScript declares no input shape, so it is run at batch 1 and 3;
+* export - :func:`ultralytics_args` for ``rs-detect export --format torchscript``.
 
 Why it exists: it is the backend that proves real GPU execution where TensorRT cannot be installed
 (our dev/CI machines have no libnvinfer). One code path for CPU and CUDA: the only differences are
@@ -29,13 +33,17 @@ import torch
 
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
-from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, one_line
+from rs_detect.engines.modelinfo import BatchCheck, ModelInfo, Runner, TensorInfo, compare_batch_runs, runtime_error_line
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, RsDetectError, one_line
+from rs_detect.postprocess.decode import check_output_shape
 
 if TYPE_CHECKING:
     from rs_detect.preprocess import Normalizer
 
 log = logging.getLogger(__name__)
 
+FORMAT = "torchscript"
+EXPORT_SUFFIX = ".torchscript"
 DEFAULT_MAX_BATCH = 32
 DEFAULT_OPT_BATCH = {"cuda": 16, "cpu": 8}
 
@@ -84,9 +92,8 @@ def use_simple_executor() -> None:
     """Run TorchScript with the simple (non-profiling) graph executor, process-wide.
 
     The profiling executor records shapes on the first calls of every new input shape, then compiles
-    a specialised graph: rs-detect sees a handful of fixed shapes, so that only cost start-up (on the
-    H100 an 8k scene's inference stage took 1.40 s with it and 0.25 s without) and steady-state speed
-    was the same (YOLOv8m fp16 batch 16: 545 vs 558 tiles/s). The executor is chosen when a method
+    a specialised graph: rs-detect sees a handful of fixed shapes, so that only costs start-up time
+    and steady-state speed is the same. The executor is chosen when a method
     first runs, so this must happen before the module is called; it is a process-wide switch of
     torch's, and rs-detect only runs fixed-shape exported models through TorchScript.
     """
@@ -213,9 +220,8 @@ class TorchScriptEngine(Engine):
         """Scaling and model in one captured graph per raw dtype (CUDA graphs on, a direct band plan).
 
         The main thread then queues a copy and a replay per batch instead of a dozen kernel launches,
-        each of which gave the GIL away to the reader threads and waited to get it back (on the H200,
-        with 28 reader and cutter threads, 6.2 of the 7.6 ms the main thread spent per YOLOv8n batch,
-        more than the engine's 6.9 ms). The graph reads the scene's scaling from its own small
+        each of which gives the GIL away to the reader threads and waits to get it back (with many
+        reader threads, most of the main thread's time per batch of a small model). The graph reads the scene's scaling from its own small
         tensor (copied in when the scene changes) and always applies a mask (all True when the batch has none).
         """
         n = int(raw.shape[0])
@@ -261,3 +267,72 @@ class TorchScriptEngine(Engine):
         self.module = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load(path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, **kwargs: Any) -> TorchScriptEngine:
+    return TorchScriptEngine(path, device=device, model_yaml=model_yaml, **kwargs)
+
+
+# -- inspect ------------------------------------------------------------------------------------------------
+
+
+def torchscript_runner(module: Any) -> Runner:
+    def run(images: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(images))
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return [o.float().cpu().numpy() for o in outs if isinstance(o, torch.Tensor)]
+
+    return run
+
+
+def inspect(path: Path, model_yaml: Mapping[str, Any] | Path | None = None, run: bool = True) -> ModelInfo:
+    """TorchScript has no declared input shape: run it (CPU, fp32) at batch 1 and 3 to find out."""
+    module, raw = load_torchscript(path)
+    meta, error = None, None
+    try:
+        meta = metadata.resolve(path, raw, model_yaml)
+    except RsDetectError as exc:
+        error = str(exc)
+    channels = meta.channels if meta else int(raw.get("channels", 3))
+    imgsz = meta.imgsz if meta else 640
+    inputs = (TensorInfo("input", ("batch", channels, imgsz, imgsz), "float32"),)
+    notes = ("TorchScript declares no input shape: the input row comes from the metadata",)
+    if not run:
+        return ModelInfo(path, FORMAT, inputs, (), BatchCheck(True, "dynamic batch (not run)", True, notes=notes), meta, error, raw)
+    runner = torchscript_runner(module)
+    result = compare_batch_runs(runner, channels, imgsz, np.dtype(np.float32))
+    traced = int(raw["batch"]) if str(raw.get("batch", "")).isdigit() else None
+    probe_batch = (traced or 1) if result.failed_batch == 1 else 1
+    outputs: tuple[TensorInfo, ...] = ()
+    try:
+        probe = runner(np.zeros((probe_batch, channels, imgsz, imgsz), np.float32))
+        outputs = tuple(TensorInfo(f"output{k}", ("batch", *o.shape[1:]), str(o.dtype)) for k, o in enumerate(probe))
+        if meta is not None and error is None and probe:
+            check_output_shape(tuple(probe[0].shape), meta, str(path))
+    except RsDetectError as exc:
+        error = str(exc)
+    except Exception as exc:  # TorchScript interpreter errors
+        error = error or f"{path}: the model fails at batch {probe_batch} with a {channels}x{imgsz}x{imgsz} input ({runtime_error_line(exc, 200)})"
+    if result.ok:
+        batch = BatchCheck(True, "dynamic batch: usable with any batch size", True, run=result, notes=notes)
+    else:
+        what = f"static batch {traced}" if traced else "not dynamic"
+        batch = BatchCheck(False, f"{what}: the traced graph is not batch-dynamic", False, fixed_batch=traced, run=result, notes=notes,
+                           fix="re-export: rs-detect export WEIGHTS.pt --format torchscript (shapes must come from x.shape, not literals)")
+    return ModelInfo(path, FORMAT, inputs, outputs, batch, meta, error, raw)
+
+
+# -- export -------------------------------------------------------------------------------------------------
+
+
+def ultralytics_args(opset: int = 17, half: bool = False) -> dict[str, Any]:
+    """``YOLO.export`` arguments for TorchScript.
+
+    A trace is batch-dynamic by itself (shapes come from ``x.shape``); Ultralytics' ``dynamic=True``
+    would instead rebuild the anchors on every call from a CPU arange copied to the GPU, a blocking
+    copy that drains the GPU's queue each batch and cannot be captured in a CUDA graph.
+    """
+    if half:
+        log.warning("--half is ignored for TorchScript: the PyTorch backend runs it in fp16 on CUDA by itself")
+    return {"dynamic": False}

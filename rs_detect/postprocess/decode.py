@@ -1,7 +1,12 @@
-"""Decode raw YOLOv8 output into candidate boxes, vectorised over the whole batch.
+"""Decode raw YOLO output into candidate boxes, vectorised over the whole batch.
 
-HBB: [B, 4 + nc, A] = cx, cy, w, h (input pixels), then nc class scores (already sigmoid, no objectness).
-OBB: [B, 4 + nc + 1, A]: the same, then one angle channel (radians).
+Two layouts, told apart by the model's metadata (Ultralytics writes ``end2end``) or by the shape:
+
+* YOLOv8 / YOLO11 heads, one row per anchor, NMS needed:
+  HBB [B, 4 + nc, A] = cx, cy, w, h (input pixels), then nc class scores (already sigmoid, no objectness);
+  OBB [B, 4 + nc + 1, A]: the same, then one angle channel (radians).
+* end-to-end heads (YOLO26, YOLOv10), one row per object, best first, no NMS:
+  HBB [B, K, 6] = x1, y1, x2, y2, score, class; OBB [B, K, 7] = cx, cy, w, h, score, class, angle.
 """
 
 from __future__ import annotations
@@ -39,35 +44,57 @@ class DecodeParams:
 
     @staticmethod
     def build(meta: ModelMeta, conf: float, conf_by_class: dict[str, float] | None, classes: tuple[str, ...] | None) -> DecodeParams:
+        """Thresholds and the kept classes; ``classes`` as :func:`rs_detect.categories.select` reads them
+        (categories, model class names, ``all``; None keeps every class)."""
+        from rs_detect.categories import normalize, select
+
         names = list(meta.names)
+        keys = [normalize(n) for n in names]
         thr = torch.full((meta.nc,), float(conf))
         for name, value in (conf_by_class or {}).items():
-            if name not in names:
+            if normalize(name) not in keys:
                 raise ModelError(f"conf_by_class: unknown class {name!r} (model classes: {', '.join(names)})")
-            thr[names.index(name)] = float(value)
+            thr[keys.index(normalize(name))] = float(value)
         keep = torch.ones(meta.nc, dtype=torch.bool)
-        if classes:
-            unknown = [c for c in classes if c not in names]
-            if unknown:
-                raise ModelError(f"--classes: unknown class {unknown[0]!r} (model classes: {', '.join(names)})")
+        ids = select(classes, names, meta.categories, "--classes")
+        if ids is not None:
             keep[:] = False
-            for c in classes:
-                keep[names.index(c)] = True
+            keep[list(ids)] = True
         return DecodeParams(thr, keep)
 
 
+def is_end2end(shape: tuple[int, ...], meta: ModelMeta) -> bool:
+    """Whether an output of ``shape`` is an end-to-end [B, K, 6|7] one: the metadata says so, or the shape
+    is not the anchor layout [B, 4 + nc (+1), A] but has 6 (OBB: 7) values per row."""
+    if meta.end2end:
+        return True
+    if len(shape) != 3 or (shape[1] == meta.output_channels and shape[2] == meta.num_anchors):
+        return False
+    return shape[2] == meta.end2end_width
+
+
 def check_output_shape(shape: tuple[int, ...], meta: ModelMeta, where: str) -> None:
-    """Refuse an output that is not [B, 4 + nc (+1), A] for this model's metadata."""
+    """Refuse an output that is neither [B, 4 + nc (+1), A] nor end-to-end [B, K, 6 (+1)] for this model."""
+    extra = " + 1 angle" if meta.task == "obb" else ""
+    if is_end2end(shape, meta):
+        if len(shape) != 3 or shape[2] != meta.end2end_width:
+            raise ModelError(
+                f"{where}: output shape {list(shape)} is not the end-to-end [B, K, {meta.end2end_width}] "
+                f"(box, score, class{extra}, task {meta.task}) its metadata promises"
+            )
+        return
     if len(shape) != 3 or shape[1] != meta.output_channels or shape[2] != meta.num_anchors:
-        extra = " + 1 angle" if meta.task == "obb" else ""
         raise ModelError(
             f"{where}: output shape {list(shape)} is not [B, {meta.output_channels}, {meta.num_anchors}] "
-            f"(4 box + {meta.nc} classes{extra} at {meta.imgsz}px, task {meta.task})"
+            f"(4 box + {meta.nc} classes{extra} at {meta.imgsz}px, task {meta.task}) "
+            f"nor an end-to-end [B, K, {meta.end2end_width}]"
         )
 
 
 def decode(raw: torch.Tensor, meta: ModelMeta, params: DecodeParams) -> Detections:
-    """Raw [B, C, A] -> candidates above threshold, in tile pixels; ``tile_ids`` hold the batch index."""
+    """Raw output -> candidates above threshold, in tile pixels; ``tile_ids`` hold the batch index."""
+    if is_end2end(tuple(raw.shape), meta):
+        return decode_end2end(raw, meta, params)
     nc = meta.nc
     raw = raw.float()
     scores, class_ids = raw[:, 4 : 4 + nc].max(dim=1)  # [B, A]
@@ -88,6 +115,30 @@ def decode(raw: torch.Tensor, meta: ModelMeta, params: DecodeParams) -> Detectio
         boxes=boxes,
         scores=scores[b_idx, a_idx],
         class_ids=class_ids[b_idx, a_idx],
+        tile_ids=b_idx,
+        task=meta.task,
+        frame="tile",
+    )
+
+
+def decode_end2end(raw: torch.Tensor, meta: ModelMeta, params: DecodeParams) -> Detections:
+    """End-to-end [B, K, 6 | 7] -> the rows above threshold (no NMS: the head kept one box per object)."""
+    raw = raw.float()
+    scores = raw[..., 4]
+    class_ids = raw[..., 5].round().long().clamp_(0, meta.nc - 1)
+    keep = scores >= params.floor_on(raw.device)[class_ids]
+    b_idx, k_idx = keep.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return Detections.empty(meta.task, "tile").to(raw.device)
+    sel = raw[b_idx, k_idx]  # [N, 6 | 7]
+    if meta.task == "obb":
+        boxes = regularize_obb(torch.cat((sel[:, :4], sel[:, 6:7]), dim=1))
+    else:
+        boxes = sel[:, :4].clone()
+    return Detections(
+        boxes=boxes,
+        scores=sel[:, 4].clone(),
+        class_ids=class_ids[b_idx, k_idx],
         tile_ids=b_idx,
         task=meta.task,
         frame="tile",

@@ -38,12 +38,17 @@ def rotated_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch
     return keep[scores[keep].argsort(descending=True)]
 
 
-def nms_per_tile(dets: Detections, iou: float, max_det: int, num_classes: int) -> Detections:
-    """Class-aware NMS within each tile, then at most ``max_det`` boxes per tile (best first)."""
+def nms_per_tile(dets: Detections, iou: float | None, max_det: int, num_classes: int) -> Detections:
+    """Class-aware NMS within each tile, then at most ``max_det`` boxes per tile (best first).
+
+    ``iou=None`` skips the NMS (an end-to-end head already kept one box per object) and only ranks.
+    """
     if len(dets) == 0:
         return dets
     groups = dets.tile_ids * num_classes + dets.class_ids
-    if dets.task == "obb":
+    if iou is None:
+        keep = dets.scores.argsort(descending=True, stable=True)
+    elif dets.task == "obb":
         keep = rotated_batched_nms(dets.boxes, dets.scores, groups, iou)
     else:
         keep = batched_nms(dets.boxes, dets.scores, groups, iou)

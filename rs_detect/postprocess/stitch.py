@@ -42,6 +42,10 @@ def to_scene(dets: Detections, tiles: Sequence[Tile], edge_margin: float = 3.0) 
     info = table.to(dets.boxes.device)[dets.tile_ids]
     offs, sizes = info[:, 0:2].float(), info[:, 2:4].float()
     interior = info[:, 4:8].bool()
+    if dets.task == "detect":
+        # clip to the tile's real pixels (never its padding, never past the scene), as Ultralytics clips
+        # its boxes to the image after NMS; rotated boxes keep their rectangle (clipped as polygons later)
+        dets = clip_boxes(dets, sizes)
     aabb = dets.aabb()
     cut = (
         (interior[:, 0] & (aabb[:, 0] <= edge_margin))
@@ -55,6 +59,15 @@ def to_scene(dets: Detections, tiles: Sequence[Tile], edge_margin: float = 3.0) 
     else:
         boxes[:, :4] += offs.repeat(1, 2)
     return Detections(boxes, dets.scores, dets.class_ids, info[:, 8].clone(), dets.task, "scene", cut)
+
+
+def clip_boxes(dets: Detections, sizes: torch.Tensor) -> Detections:
+    """Axis-aligned tile-frame boxes clipped to [0, width] x [0, height] of their tile (``sizes``: [N, 2])."""
+    w, h = sizes[:, 0], sizes[:, 1]
+    b = dets.boxes
+    boxes = torch.stack((torch.minimum(b[:, 0].clamp(min=0), w), torch.minimum(b[:, 1].clamp(min=0), h),
+                         torch.minimum(b[:, 2].clamp(min=0), w), torch.minimum(b[:, 3].clamp(min=0), h)), dim=1)
+    return Detections(boxes, dets.scores, dets.class_ids, dets.tile_ids, dets.task, dets.frame, dets.cut)
 
 
 def _pairs(aabb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
