@@ -1,6 +1,6 @@
 """The ``rs-detect`` command group. ``rs-detect SCENE`` is ``rs-detect detect SCENE``.
 
-Exit codes: 0 ok, 1 failure (a one-line ``error:`` message), 2 usage.
+Exit codes: 0 ok, 1 failure (a one-line ``error:`` message), 2 usage, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
