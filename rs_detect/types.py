@@ -136,10 +136,11 @@ class Detections:
     radians) for ``task == "obb"``. ``frame`` is ``"tile"`` (pixels of the tile's input) or
     ``"scene"`` (pixels of the whole raster). ``cut`` marks boxes touching an interior tile edge.
 
-    ``tile_ids`` says which tile a box came from, in the terms of its frame: in ``"tile"`` frame the
-    position of its tile in the batch that was decoded (what per-tile NMS groups by and what
-    :func:`~rs_detect.postprocess.stitch.to_scene` looks the tile up with); in ``"scene"`` frame the
-    tile's :attr:`Tile.index` in the scene. ``to_scene`` is the one step from the first to the second.
+    ``tile_ids`` says which tile a box came from, in the terms of its frame; read it through the name
+    of what it is there: :attr:`batch_slots` in ``"tile"`` frame (the tile's position in the batch that
+    was decoded, which :func:`~rs_detect.postprocess.stitch.to_scene` looks the tile up with) and
+    :attr:`scene_tiles` in ``"scene"`` frame (the tile's :attr:`Tile.index`). ``to_scene`` is the one
+    step from the first to the second; per-tile NMS groups by either.
     """
 
     boxes: torch.Tensor
@@ -152,6 +153,20 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    @property
+    def batch_slots(self) -> torch.Tensor:
+        """[K] position of each box's tile in its decoded batch (``"tile"`` frame only)."""
+        if self.frame != "tile":
+            raise ValueError("batch_slots: these detections are in scene pixels (use scene_tiles)")
+        return self.tile_ids
+
+    @property
+    def scene_tiles(self) -> torch.Tensor:
+        """[K] :attr:`Tile.index` of each box's tile in the scene (``"scene"`` frame only)."""
+        if self.frame != "scene":
+            raise ValueError("scene_tiles: these detections are in tile pixels (use batch_slots)")
+        return self.tile_ids
 
     @staticmethod
     def empty(task: Task = "detect", frame: Literal["tile", "scene"] = "scene") -> Detections:

@@ -34,12 +34,12 @@ from rs_detect.types import Detections, Tile
 
 
 def to_scene(dets: Detections, tiles: Sequence[Tile], edge_margin: float = 3.0) -> Detections:
-    """Tile-frame detections (``tile_ids`` = position in ``tiles``) -> scene frame, cut flags set."""
+    """Tile-frame detections (``batch_slots``: positions in ``tiles``) -> scene frame (``scene_tiles``), cut flags set."""
     if len(dets) == 0:
         return Detections.empty(dets.task, "scene")
     # one table of the tiles (a single copy to the device, a single gather): offset, size, interior edges, index
     table = torch.tensor([[t.col_off, t.row_off, t.width, t.height, *t.interior, t.index] for t in tiles], dtype=torch.int64)
-    info = table.to(dets.boxes.device)[dets.tile_ids]
+    info = table.to(dets.boxes.device)[dets.batch_slots]
     offs, sizes = info[:, 0:2].float(), info[:, 2:4].float()
     interior = info[:, 4:8].bool()
     if dets.task == "detect":
@@ -117,7 +117,7 @@ def merge(dets: Detections, iou: float = 0.5, ios: float = 0.6) -> Detections:
     aabb = dets.aabb().detach().cpu().numpy().astype(np.float64)
     i, j = _pairs(aabb)
     cls = dets.class_ids.cpu().numpy()
-    tile = dets.tile_ids.cpu().numpy()
+    tile = dets.scene_tiles.cpu().numpy()
     cut = dets.cut.cpu().numpy() if dets.cut is not None else np.zeros(n, dtype=bool)
     sel = (cls[i] == cls[j]) & (tile[i] != tile[j])
     i, j = i[sel], j[sel]
