@@ -1,9 +1,10 @@
 """rs-detect: find planes and ships in huge remote-sensing scenes.
 
-Stages (one module each), in the order only :mod:`rs_detect.pipeline` knows:
+The settings of a run: :mod:`rs_detect.plan` (one resolved ``RunPlan``). Stages (one module each), in
+the order only :mod:`rs_detect.executor` knows, which also owns every thread of a run:
 
-    io.reader.RasterSource -> io.tiling windows -> batches -> engines.* -> postprocess.decode
-    -> postprocess.nms -> postprocess.stitch -> georef -> io.writer
+    io.reader.RasterSource -> io.tiling windows -> io.prefetch batches -> preprocess -> engines.*
+    -> postprocess.decode -> postprocess.nms -> postprocess.stitch -> georef -> io.writer
 """
 
 __version__ = "0.1.0"
