@@ -53,7 +53,7 @@ def test_the_audits_values_are_one_line_model_errors(key: str, value: object) ->
     with pytest.raises(ModelError) as err:
         from_mapping({key: value}, source="m.onnx")
     msg = str(err.value)
-    assert msg.startswith("m.onnx: model metadata ") and key in msg
+    assert msg.startswith(f"m.onnx: {key}") and msg.endswith("(in its model metadata)")
     assert "\n" not in msg and len(msg) < 300
 
 

@@ -206,13 +206,13 @@ def from_mapping(
             updates[attr] = convert(raw[key])
         except _BadValue as exc:
             sep = "" if str(exc).startswith("[") else " "
-            raise error(f"{where}{what} {key}{sep}{exc}") from None
+            raise error(f"{where}{key}{sep}{exc} (in its {what})") from None
     batch = raw.get("batch")
     if isinstance(batch, Mapping):
         try:
             updates.update(_batch(batch, meta))
         except _BadValue as exc:
-            raise error(f"{where}{what} batch {exc}") from None
+            raise error(f"{where}batch {exc} (in its {what})") from None
     if source:
         updates["source"] = source
     return replace(meta, **updates)
