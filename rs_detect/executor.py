@@ -57,6 +57,7 @@ from tqdm import tqdm
 from rs_detect import __version__
 from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
+from rs_detect.georef import coordinates_label
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles, tile_count
@@ -269,7 +270,7 @@ class SceneExecutor:
                 stats.add_time("stitch", time.perf_counter() - t0)
                 facts = {
                     "scene": scene.name, "scene_size": [src.width, src.height],
-                    "coordinates": "pixel" if src.crs is None else self.plan.output.crs, "georeferencing": src.georef,
+                    "georeferencing": src.georef,
                     "bands": list(src.plan.indexes), "band_combine": src.plan.combine, "scale": scale.as_dict(),
                 }
                 band_plan = src.plan
@@ -282,6 +283,7 @@ class SceneExecutor:
             stats.per_class[names[cid]] = stats.per_class.get(names[cid], 0) + 1
         stats.seconds = time.perf_counter() - start
         facts["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
+        facts["coordinates"] = coordinates_label(frame.crs)  # "native" when a CRS had no way to WGS84
         facts["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
         meta = run_metadata(self.plan, facts, f"rs-detect {__version__}")
         if output is not None:

@@ -84,7 +84,7 @@ class RasterSource:
         self.block_shapes = ds.block_shapes
         self.overviews = ds.overviews(1)
         self.crs, self.transform, self.georef = self._georeferencing(ds)
-        self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path))
+        self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path), tuple(ds.descriptions))
         self.channels = channels
         self.fill_value = float(fill_value)
         self.nodata = ds.nodata
