@@ -41,6 +41,22 @@ def test_band_plan_rule(count: int, ci: tuple, channels: int, bands: tuple | Non
     assert (plan.indexes, plan.combine) == want
 
 
+@pytest.mark.parametrize(
+    ("ci", "descriptions", "want"),
+    [
+        ((CI.gray, CI.undefined), ("B04 red (665 nm)", "B08 nir (842 nm)"), (1,)),  # sen2ships' layout
+        ((CI.gray, CI.undefined), ("B08 nir (842 nm)", "B04 red (665 nm)"), (2,)),
+        ((CI.undefined, CI.red), (None, None), (2,)),
+        ((CI.gray, CI.undefined), ("nir", "infrared"), (1,)),  # "infrared" is no red band: band 1
+        ((CI.gray, CI.undefined), ("B4", None), (1,)),
+    ],
+)
+def test_band_plan_picks_the_red_band_of_a_multispectral_file(ci: tuple, descriptions: tuple, want: tuple) -> None:
+    plan = plan_bands(2, ci, 1, None, "s.tif", descriptions)
+    assert (plan.indexes, plan.combine) == (want, "direct")
+    assert plan_bands(2, ci, 1, (1,), "s.tif", descriptions).indexes == (1,)  # --bands wins
+
+
 def test_band_plan_refusals() -> None:
     with pytest.raises(InputError, match="band 5 out of range"):
         plan_bands(4, (CI.gray,) * 4, 1, (5,), "s.tif")

@@ -7,7 +7,10 @@ Band mapping rule (documented in the README):
   (0.299 R + 0.587 G + 0.114 B, in the order given).
 * not given, 1-channel model: a paletted band is expanded through its colour table to luminance; a
   scene whose colour interpretation names red, green and blue is combined as luminance of those bands
-  (whatever their order in the file); otherwise band 1 (with a warning when the scene has more).
+  (whatever their order in the file); else a red band, named by colour interpretation or by its
+  description (``red``, ``B04`` as Sentinel-2 names it): a red + NIR file gives the model its visible
+  red band, closest to the luminance it sees in RGB scenes; otherwise band 1 (with a warning when the
+  scene has more).
 * not given, 3-channel model: red, green, blue by colour interpretation, else bands 1-3; a 1-band
   scene is replicated.
 * alpha bands are never data: they (and nodata values, NaN, internal or sidecar masks) become the mask.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
@@ -86,6 +90,7 @@ def plan_bands(
     channels: int,
     bands: tuple[int, ...] | None,
     name: str,
+    descriptions: tuple[str | None, ...] = (),
 ) -> BandPlan:
     """Which raster bands feed which model channels (see the module docstring for the rule)."""
     if bands:
@@ -109,6 +114,9 @@ def plan_bands(
             return BandPlan((data[0],), "palette", 1, "palette expanded to luminance")
         if rgb is not None:
             return BandPlan(rgb, "luminance", 1, "luminance of the red, green and blue bands")
+        red = [i for i in data if colorinterp[i - 1] == ColorInterp.red or _names_red(descriptions, i)]
+        if len(data) > 1 and red:
+            return BandPlan((red[0],), "direct", 1, f"band {red[0]}, the red band")
         if len(data) > 1:
             log.warning("%s: %d bands and a 1-channel model: using band %d (choose another with --bands)", name, len(data), data[0])
         return BandPlan((data[0],), "direct", 1)
@@ -121,6 +129,14 @@ def plan_bands(
     if len(data) < channels:
         raise InputError(f"{name}: the model takes {channels} channels but the scene has {len(data)} data band(s)")
     return BandPlan(tuple(data[:channels]), "direct", channels)
+
+
+def _names_red(descriptions: tuple[str | None, ...], band: int) -> bool:
+    """Band ``band``'s description names it red ("red", "B04", "B4", as Sentinel-2 and Landsat 8/9 files do)."""
+    if band > len(descriptions) or not descriptions[band - 1]:
+        return False
+    words = re.split(r"[^a-z0-9]+", str(descriptions[band - 1]).lower())
+    return "red" in words or "b04" in words or "b4" in words
 
 
 def value_counts(values: np.ndarray) -> tuple[int, np.ndarray] | None:
@@ -232,7 +248,7 @@ class RasterSource:
         self.block_shapes = ds.block_shapes
         self.overviews = ds.overviews(1)
         self.crs, self.transform, self.georef = self._georeferencing(ds)
-        self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path))
+        self.plan = plan_bands(ds.count, tuple(ds.colorinterp), channels, bands, str(self.path), tuple(ds.descriptions))
         self.channels = channels
         self.fill_value = float(fill_value)
         self.nodata = ds.nodata
