@@ -159,3 +159,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> Config:
         return Config(**values)
     except TypeError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+    except ConfigError as exc:  # name the file the values came from (flags are checked by the CLI first)
+        if path is None or str(path) in str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None

@@ -9,34 +9,34 @@ partial or corrupt file under the real name.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rs_detect.errors import RsDetectError, one_line
+from rs_detect.io.tempfiles import remove_stale, temp_name
 
 #: files SQLite (GeoPackage) and GDAL may leave beside a temporary file that failed
-_COMPANIONS = ("-wal", "-shm", "-journal", ".aux.xml")
+_COMPANIONS = ("-wal", "-shm", "-journal", ".aux.xml", ".crs")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], *, parents: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that does not exist yet; rename it over ``path`` on success.
 
-    The temporary name is ``.<stem>.<random>.tmp<suffix>``: hidden, unique, and with the target's
-    suffix, so GDAL/OGR drivers and PIL pick the right format and create the file themselves. When
+    The temporary name is ``.<stem>.rsd-<host>-<pid>-<random>.tmp<suffix>``: hidden, unique, with the
+    target's suffix, so GDAL/OGR drivers and PIL pick the right format and create the file themselves,
+    and naming its writer, so a later write to the same destination removes those of killed writers
+    (:mod:`rs_detect.io.tempfiles`). When
     the block raises, the temporary file (and any SQLite journal or GDAL sidecar of it) is removed
     and the target is left as it was. ``parents=True`` creates the destination folder first.
     """
     path = Path(path)
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.unlink()
+    remove_stale(path.parent, stem=path.stem)  # what killed runs left for this destination
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -115,6 +115,13 @@ def detections_frame(
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry), crs=None if crs is None else ProjCRS.from_user_input(crs.to_wkt()))
 
 
+def coordinates_label(crs: ProjCRS | None) -> Literal["pixel", "wgs84", "native"]:
+    """What an output's coordinates are, from its CRS: the run metadata's ``coordinates``."""
+    if crs is None:
+        return "pixel"
+    return "wgs84" if crs.equals(ProjCRS.from_epsg(4326)) else "native"
+
+
 def to_output_crs(gdf: gpd.GeoDataFrame, mode: Literal["wgs84", "native"], where: str) -> gpd.GeoDataFrame:
     """Reproject to WGS84 lon/lat (always_xy) unless ``native``; a CRS with no path to WGS84 stays native."""
     if mode == "native" or gdf.crs is None:

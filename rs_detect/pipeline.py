@@ -30,7 +30,7 @@ from rs_detect.config import Config, auto_prefetch, auto_read_threads
 from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.errors import ConfigError
-from rs_detect.georef import detections_frame, to_output_crs
+from rs_detect.georef import coordinates_label, detections_frame, to_output_crs
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.prefetch import RawBatch, RawTile, cutter_threads, in_background, prestart, window_batches
 from rs_detect.io.tiling import iter_tiles, tile_count
@@ -249,6 +249,7 @@ class ScenePipeline:
             meta = self._metadata(src, scene)
         stats.seconds = time.perf_counter() - start
         meta["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
+        meta["coordinates"] = coordinates_label(frame.crs)  # "native" when a CRS had no way to WGS84
         meta["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
         if output is not None:
             t0 = time.perf_counter()

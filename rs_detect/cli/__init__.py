@@ -1,11 +1,57 @@
 """The ``rs-detect`` command group. ``rs-detect SCENE`` is ``rs-detect detect SCENE``.
 
-Exit codes: 0 ok, 1 failure (a one-line ``error:`` message), 2 usage.
+Exit codes, the same for every command:
+
+* 0 ok;
+* 1 a failure: a one-line ``error:`` message naming the file (scene, model, config, output) and the
+  problem, including a value out of range in a config file or in a model's metadata;
+* 2 the command line itself is wrong: an unknown option, a missing argument, or an option's value out
+  of its range (``--overlap -3``, ``--conf 2``, ``--bands 0``), reported by click with the option's name;
+* 130 interrupted (Ctrl-C): one ``interrupted:`` line; what was finished is kept.
 """
 
 from __future__ import annotations
 
+
+def _spawned_children_ignore_sigint() -> None:
+    """In a process that multiprocessing spawns from ``rs-detect`` (a local Dask worker), ignore SIGINT.
+
+    A spawned child re-imports the parent's main script, and so this module, before anything else of
+    its own: from here on a terminal's Ctrl-C, which reaches the whole process group, no longer prints
+    a KeyboardInterrupt traceback from a worker still importing its modules. The ``rs-detect`` process
+    itself handles Ctrl-C and stops its workers. Nothing happens in any other process.
+    """
+    import multiprocessing
+    import signal
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the command's modules are still being imported: one line and 130, no traceback."""
+    import os
+    import sys
+
+    sys.stderr.write("interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+_spawned_children_ignore_sigint()
+if __name__ == "rs_detect.cli":
+    import signal as _signal
+    import threading as _threading
+
+    if _threading.current_thread() is _threading.main_thread() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _interrupted_while_starting)  # main() puts Python's own handler back
+
+
 import logging
+import sys
 import warnings
 from typing import Any
 
@@ -65,4 +111,19 @@ for command in (detect, synth, eval_cmd, inspect, export, build_engine, batch):
 
 
 def main(argv: list[str] | None = None) -> Any:
-    return cli.main(args=argv, prog_name="rs-detect")
+    """The console entry point: click's own handling, except that Ctrl-C is exit 130 with one line
+    (click would print ``Aborted!`` and exit 1), wherever it lands (imports, engine loading, a scene)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = cli.main(args=argv, prog_name="rs-detect", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted_while_starting(0, None)  # unwound already: nothing is open; leave without the teardown
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

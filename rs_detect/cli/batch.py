@@ -6,6 +6,7 @@ Exit codes: 0 every scene done or skipped, 1 any scene failed (or the run could 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from rs_detect.errors import RsDetectError
 @click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "parquet"]), default="geojson", show_default=True, help="Per-scene output format.")
 @click.option("--index", type=click.Path(dir_okay=False, path_type=Path), help="Also write one merged index of all detections (.gpkg or .parquet) with a scene column.")
 @click.option("--force", is_flag=True, help="Redo every scene, even those finished by an earlier run.")
+@click.option("--wait", is_flag=True, help="If another batch run is using OUTDIR, wait for it to end instead of exiting.")
 @scene_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table (failures are still reported).")
 def batch(
@@ -36,6 +38,7 @@ def batch(
     fmt: str,
     index: Path | None,
     force: bool,
+    wait: bool,
     model: Path | None,
     config_path: Path | None,
     classes: tuple[str, ...] | None,
@@ -50,22 +53,27 @@ def batch(
     OUTDIR/_run_summary.json records every scene with its numbers or its error.
     Exit code 1 when any scene failed.
     """
-    from rs_detect.batch import DEFAULT_PATTERNS, run_batch
-
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler exclude each other")
     try:
+        from rs_detect.batch import DEFAULT_PATTERNS, run_batch
+
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
         summary = run_batch(
             inputs, outdir, cfg, patterns=patterns or DEFAULT_PATTERNS, fmt=fmt, workers=workers,
-            scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(),
+            scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(), wait=wait,
         )
     except RsDetectError as exc:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished scenes are kept in {outdir}; rerun the same command to go on", err=True)
-        sys.exit(130)
+        # Everything is written and closed by now (outputs, manifests, the summary; the cluster is
+        # shut down): leave without the interpreter's teardown of torch, GDAL and ONNX Runtime,
+        # which takes a second or more and would hold the terminal after Ctrl-C.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     if not quiet:
         click.echo(summary.table())
     else:

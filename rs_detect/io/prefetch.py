@@ -291,8 +291,12 @@ def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
     start while the readers hold the GIL: on the H200 the first batch's cuts began 6 to 40 ms late.
     """
     barrier = threading.Barrier(threads)
-    for f in [pool.submit(barrier.wait, 10) for _ in range(threads)]:
-        f.result()
+    try:
+        for f in [pool.submit(barrier.wait, 10) for _ in range(threads)]:
+            f.result()
+    except BaseException:  # Ctrl-C: release the threads already waiting, or the pool's exit waits 10 s for them
+        barrier.abort()
+        raise
     return pool
 
 

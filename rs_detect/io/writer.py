@@ -12,9 +12,12 @@ info line) where QGIS would also apply it to another file of the same stem, e.g.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +78,8 @@ def write_detections(
     """
     fmt = format_for(path)
     meta = {k: v for k, v in (metadata or {}).items()}
+    if meta.get("coordinates") == "wgs84" and gdf.crs is not None and not gdf.crs.equals(ProjCRS.from_epsg(4326)):
+        meta["coordinates"] = "native"  # the scene CRS had no way to WGS84: say what the file holds
     qml = qml_for(meta, _present_classes(gdf)) if style else None
     placed: list[Path] = []
     try:
@@ -86,6 +91,8 @@ def write_detections(
                 if is_wgs84:  # 6 decimals of a degree: about 11 cm, finer than any pixel; GDAL's default is 7
                     layer_options["COORDINATE_PRECISION"] = str(WGS84_DECIMALS)
                 gdf.to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER, layer_options=layer_options)
+                if not is_wgs84 and gdf.crs is not None:
+                    name_geojson_crs(tmp, gdf.crs)
             elif fmt == "gpkg":
                 gdf.to_file(tmp, driver="GPKG", engine="pyogrio", layer=LAYER, geometry_type=_geometry_type(gdf),
                             metadata={"rs_detect": json.dumps(meta, default=str)})
@@ -105,10 +112,78 @@ def write_detections(
     except BaseException as exc:
         for p in placed:  # the main file did not make it: its sidecar must not stay behind alone
             p.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        problem = write_problem(exc, path.parent)
+        if problem is not None:
+            raise OutputError(f"{path}: cannot write ({problem})") from None
         raise
     return path
+
+
+def write_problem(exc: BaseException, folder: Path) -> str | None:
+    """One line for an error of the file system or of a writing library (GDAL/OGR, SQLite, Arrow), else None.
+
+    GDAL reports a full disk as a failed feature or a missing table (the GeoPackage's first pages were
+    never written): when the folder has (almost) no room left, that is what the message says.
+    """
+    import pyarrow
+    from pyogrio.errors import DataLayerError, DataSourceError
+
+    if not isinstance(exc, (OSError, DataSourceError, DataLayerError, sqlite3.Error, pyarrow.ArrowException)):
+        return None
+    text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or " ".join(str(exc).split())
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            pass
+    if full and "space" not in text.lower():
+        return f"no space left on the device; {text[:160]}"
+    return text[:300]
+
+
+def geojson_crs_member(crs: ProjCRS) -> dict[str, object]:
+    """The GeoJSON 2008 ``crs`` member GDAL writes: an OGC URN for an EPSG code, else the WKT itself.
+
+    GDAL (and so pyogrio, geopandas, QGIS) reads the name through ``SetFromUserInput``, which takes
+    both forms; without the member every reader takes the coordinates for WGS84 degrees.
+    """
+    code = crs.to_epsg()
+    if code is not None:
+        name = f"urn:ogc:def:crs:EPSG::{code}"
+    else:
+        name = crs.to_wkt("WKT1_GDAL") or crs.to_wkt()
+    return {"type": "name", "properties": {"name": name}}
+
+
+def name_geojson_crs(path: Path, crs: ProjCRS, chunk: int = 1 << 20) -> None:
+    """Add the ``crs`` member to a GeoJSON that GDAL wrote without one (a CRS without an EPSG code).
+
+    The member goes before ``"features"`` (GDAL's layout: type, name, description, then features); the
+    rest of the file is copied in chunks, so a file of millions of detections is never parsed whole.
+    """
+    with open(path, "rb") as src:
+        head = src.read(chunk)
+        while b'"features": [' not in head and len(head) < (64 << 20):
+            more = src.read(chunk)
+            if not more:
+                break
+            head += more
+        if b'"crs":' in head.split(b'"features": [', 1)[0]:
+            return  # GDAL named it (it found an EPSG code itself)
+        at = head.find(b'"features": [')
+        if at < 0:
+            raise OutputError(f"{path}: unexpected GeoJSON layout from GDAL (no features array)")
+        member = json.dumps(geojson_crs_member(crs), separators=(", ", ": ")).encode()
+        tmp = path.with_name(path.name + ".crs")
+        try:
+            with open(tmp, "wb") as dst:
+                dst.write(head[:at] + b'"crs": ' + member + b",\n" + head[at:])
+                shutil.copyfileobj(src, dst, chunk)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _geometry_type(gdf: gpd.GeoDataFrame) -> str | None:
