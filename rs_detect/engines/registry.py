@@ -78,8 +78,19 @@ def _existing(path: Path) -> tuple[Path, Backend]:
 
 
 def load_engine(path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, **kwargs: Any) -> Engine:
-    """Load ``path`` once with the backend its suffix names."""
+    """Load ``path`` once with the backend its suffix names.
+
+    An Ultralytics checkpoint (``best.pt``) is exported once and its cached export loaded
+    (:func:`rs_detect.engines.ultralytics.checkpoint_export`); its model YAML (``best.yaml``) still applies.
+    """
     path, b = _existing(path)
+    from rs_detect.engines.ultralytics import checkpoint_export, is_checkpoint
+
+    if is_checkpoint(path):
+        from rs_detect.engines.metadata import sidecar_yaml
+
+        model_yaml = model_yaml if model_yaml is not None else sidecar_yaml(path)
+        path, b = _existing(checkpoint_export(path, device))
     return b.impl().load(path, device=device, model_yaml=model_yaml, **kwargs)
 
 
