@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from rs_detect.cli.options import build_config, scene_options
-from rs_detect.errors import RsDetectError
+from rs_detect.errors import RsDetectError, error_line
 
 
 @click.command()
@@ -64,7 +64,7 @@ def batch(
             scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(), wait=wait,
         )
     except RsDetectError as exc:
-        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        click.echo(error_line(exc), err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished scenes are kept in {outdir}; rerun the same command to go on", err=True)
