@@ -1,7 +1,7 @@
 """rs-detect against Ultralytics' own predict on one tile: YOLOv8, YOLO11 and YOLO26, HBB and OBB.
 
 Each model is built from Ultralytics' own YAML (nothing is downloaded) with seeded weights, saved as an
-Ultralytics checkpoint, exported to ONNX by ``rs_detect.export.export_ultralytics`` (dynamic batch;
+Ultralytics checkpoint, exported to ONNX by ``rs_detect.engines.ultralytics.export_ultralytics`` (dynamic batch;
 YOLO26 with its end-to-end head, output [B, 300, 6 | 7]) and run through rs-detect's pipeline. Ultralytics
 predicts on the same pixels with the PyTorch checkpoint. Every box must agree: same class, corners within
 0.01 px, score within 1e-4, nothing left over on either side.

@@ -20,7 +20,7 @@ from rs_detect.batch.manifest import (
     RunIdentity, _sha256_bytes, _sha256_file, input_fingerprint, read_manifest, why_not_complete, write_manifest,
 )
 from rs_detect.config import Config
-from rs_detect.errors import ModelError, RsDetectError
+from rs_detect.errors import ModelError, RsDetectError, one_line
 
 if TYPE_CHECKING:
     from rs_detect.pipeline import ScenePipeline
@@ -135,7 +135,7 @@ class SceneOutcome:
 
 def one_line_error(exc: BaseException) -> str:
     """RsDetectError messages as they are; anything else prefixed with its type."""
-    msg = " ".join(str(exc).split())
+    msg = " ".join(str(exc).split())  # not one_line: an empty message stays empty here
     if isinstance(exc, RsDetectError):
         return msg
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
@@ -151,7 +151,7 @@ class _CaptureWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
-            self.messages.append(" ".join(record.getMessage().split()))
+            self.messages.append(one_line(record.getMessage()))
 
 
 @contextmanager

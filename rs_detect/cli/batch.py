@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from rs_detect.cli.options import build_config, scene_options
-from rs_detect.errors import RsDetectError
+from rs_detect.errors import RsDetectError, error_line
 
 
 @click.command()
@@ -23,7 +23,8 @@ from rs_detect.errors import RsDetectError
 @click.option("--pattern", "patterns", multiple=True, help='File name pattern for folders (case-insensitive, repeatable) [default "*.tif", "*.tiff"].')
 @click.option("--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N worker processes (one thread each).")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on an existing Dask cluster, e.g. tcp://host:8786.")
-@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "parquet"]), default="geojson", show_default=True, help="Per-scene output format.")
+@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "parquet"]), default="geojson", show_default=True,
+              help="Per-scene output format (parquet: QGIS opens GeoParquet only with GDAL >= 3.8 built with the Arrow/Parquet driver).")
 @click.option("--index", type=click.Path(dir_okay=False, path_type=Path), help="Also write one merged index of all detections (.gpkg or .parquet) with a scene column.")
 @click.option("--force", is_flag=True, help="Redo every scene, even those finished by an earlier run.")
 @click.option("--wait", is_flag=True, help="If another batch run is using OUTDIR, wait for it to end instead of exiting.")
@@ -64,7 +65,7 @@ def batch(
             scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(), wait=wait,
         )
     except RsDetectError as exc:
-        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        click.echo(error_line(exc), err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished scenes are kept in {outdir}; rerun the same command to go on", err=True)

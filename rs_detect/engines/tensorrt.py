@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rs_detect import __version__
 from rs_detect.engines import metadata
 from rs_detect.engines.base import Engine
 from rs_detect.engines.modelinfo import BatchCheck, ModelInfo, TensorInfo, require_dynamic
 from rs_detect.engines.tensorrt_memory import PycudaBuffers, TorchBuffers, cuda_torch_device, import_pycuda, on_device
-from rs_detect.engines.tensorrt_plan import EngineFile, read_engine_file, write_engine_file
-from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, RsDetectError
+from rs_detect.engines.tensorrt_plan import EngineFile, engine_metadata, read_engine_file, write_engine_file
+from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, RsDetectError, one_line
 from rs_detect.postprocess.decode import check_output_shape
 from rs_detect.types import ModelMeta
 
@@ -334,28 +333,6 @@ def _network_flags(trt: ModuleType) -> int:
     return 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
-def engine_metadata(info: ModelInfo, min_batch: int, opt_batch: int, max_batch: int, fp16: bool, onnx_path: Path, trt_version: str) -> dict[str, Any]:
-    """Ultralytics-compatible keys (``batch`` stays an int) plus the profile under ``batch_profile``."""
-    meta = info.meta
-    assert meta is not None
-    return {
-        "description": f"TensorRT engine built by rs-detect {__version__} from {onnx_path.name}",
-        "author": "rs-detect",
-        "version": __version__,
-        "tensorrt": trt_version,
-        "task": meta.task,
-        "stride": meta.stride,
-        "imgsz": [meta.imgsz, meta.imgsz],
-        "channels": meta.channels,
-        "names": {i: n for i, n in enumerate(meta.names)},
-        "batch": max_batch,
-        "batch_profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "fp16": fp16,
-        "end2end": meta.end2end,
-        "args": {"dynamic": True, "batch": max_batch, "half": fp16},
-    }
-
-
 def build_engine(
     onnx_path: Path,
     output: Path | None = None,
@@ -387,7 +364,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ModelError(f"{onnx_path}: the TensorRT ONNX parser failed ({'; '.join(' '.join(e.split()) for e in errors[:3]) or 'no detail'})")
+        raise ModelError(f"{onnx_path}: the TensorRT ONNX parser failed ({'; '.join(one_line(e) for e in errors[:3]) or 'no detail'})")
     if network.num_inputs != 1:
         raise ModelError(f"{onnx_path}: expected one image input, the parser found {network.num_inputs}")
     inp = network.get_input(0)
@@ -406,6 +383,6 @@ def build_engine(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ModelError(f"{onnx_path}: TensorRT could not build the engine (see the TensorRT log above; try a larger --workspace)")
-    meta_out = engine_metadata(info, min_batch, opt_batch, max_batch, fp16, onnx_path, str(getattr(trt, "__version__", "?")))
+    meta_out = engine_metadata(meta, min_batch, opt_batch, max_batch, fp16, onnx_path, str(getattr(trt, "__version__", "?")))
     side = write_engine_file(output, memoryview(plan), meta_out)
     return BuildResult(output, meta_out, side, inp.name, shapes)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rs_detect import __version__
 from rs_detect.errors import ModelError, one_line
 from rs_detect.fsutil import atomic_path, atomic_write_text
+from rs_detect.types import ModelMeta
 
 HEADER_LEN_BYTES = 4
 
@@ -87,3 +89,23 @@ def write_engine_file(path: Path, plan: bytes | memoryview, meta: Mapping[str, A
         sidecar_path(path).unlink(missing_ok=True)  # a stale sidecar would override the header
         return None
     return atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2))
+
+
+def engine_metadata(meta: ModelMeta, min_batch: int, opt_batch: int, max_batch: int, fp16: bool, onnx_path: Path, trt_version: str) -> dict[str, Any]:
+    """Ultralytics-compatible keys (``batch`` stays an int) plus the profile under ``batch_profile``."""
+    return {
+        "description": f"TensorRT engine built by rs-detect {__version__} from {onnx_path.name}",
+        "author": "rs-detect",
+        "version": __version__,
+        "tensorrt": trt_version,
+        "task": meta.task,
+        "stride": meta.stride,
+        "imgsz": [meta.imgsz, meta.imgsz],
+        "channels": meta.channels,
+        "names": {i: n for i, n in enumerate(meta.names)},
+        "batch": max_batch,
+        "batch_profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+        "fp16": fp16,
+        "end2end": meta.end2end,
+        "args": {"dynamic": True, "batch": max_batch, "half": fp16},
+    }
