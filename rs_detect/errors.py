@@ -40,7 +40,13 @@ class EngineUnavailableError(ModelError):
 
 
 def one_line(text: object, limit: int | None = None) -> str:
-    """``text`` (an exception or any object) as one line, whitespace collapsed, cut to ``limit`` characters."""
+    """``text`` (an exception or any object) as one line, whitespace collapsed, cut to ``limit`` characters.
+
+    rasterio reports a failed read as "Read failed. See previous exception for details." with GDAL's
+    own message in the exception's cause: that message is the one given (it names the block and why).
+    """
+    if isinstance(text, BaseException) and "See previous exception" in str(text) and text.__cause__ is not None:
+        text = text.__cause__
     line = " ".join(str(text).split())
     if not line and isinstance(text, BaseException):
         line = type(text).__name__

@@ -58,6 +58,7 @@ from rs_detect import __version__
 from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.georef import coordinates_label
+from rs_detect.io.location import scene_path
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles, tile_count
@@ -247,7 +248,7 @@ class SceneExecutor:
 
     def run(self, scene: Path, output: Path | None = None, progress: bool = False) -> SceneResult:
         start = time.perf_counter()
-        scene = Path(scene)
+        scene = scene_path(scene)  # a URL or /vsi path stays as written
         if output is not None:
             check_writable(output)
         stats = RunStats()

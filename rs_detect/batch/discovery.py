@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from rs_detect.errors import ConfigError, InputError
+from rs_detect.io.location import RemoteScene, is_remote, scene_path
 from rs_detect.io.writer import EXTENSIONS
 
 DEFAULT_PATTERNS: tuple[str, ...] = ("*.tif", "*.tiff")
@@ -44,6 +45,10 @@ def discover_scenes(
     Returns the absolute scene paths (sorted, each once) and their common root, the folder that
     outputs are mirrored from. A file named explicitly is taken whatever its name; patterns match
     case-insensitively. A missing input or an empty result is an :class:`InputError`.
+
+    An input that GDAL opens by name (``/vsicurl/...``, ``http(s)://``, ``/vsis3/...``, ``s3://``) is one
+    remote scene, kept as written (a :class:`~rs_detect.io.location.RemoteScene`); remote folders are
+    not listed. Local scenes alone decide the root.
     """
     patterns = tuple(patterns) or DEFAULT_PATTERNS
     found: dict[str, Path] = {}
@@ -53,6 +58,10 @@ def discover_scenes(
         found.setdefault(str(path), path)
 
     for raw in inputs:
+        if is_remote(raw):
+            remote = scene_path(raw)
+            found.setdefault(str(remote), remote)  # type: ignore[arg-type]
+            continue
         path = Path(os.path.abspath(os.path.expanduser(os.fspath(raw))))
         if path.is_file():
             add(path)
@@ -76,8 +85,9 @@ def discover_scenes(
             raise InputError(f"{raw}: no such file or directory")
     if not found:
         raise InputError(f"no scenes found in {', '.join(map(str, inputs))} (patterns {', '.join(patterns)})")
-    scenes = sorted(found.values())
-    root = Path(os.path.commonpath(roots + [str(s.parent) for s in scenes]))
+    scenes = sorted(found.values(), key=str)
+    local = [str(s.parent) for s in scenes if not isinstance(s, RemoteScene)]
+    root = Path(os.path.commonpath(roots + local)) if roots or local else Path(os.path.abspath("."))
     return scenes, root
 
 
@@ -85,7 +95,7 @@ def discover_scenes(
 class SceneJob:
     """One scene of the archive and where its output goes."""
 
-    scene: Path  # absolute path of the input
+    scene: Path  # absolute path of the input (or a RemoteScene: a URL or /vsi path as written)
     rel: str  # path relative to the run's common root, POSIX separators: the scene's id in the run
     output: Path  # absolute path of the per-scene output
 
@@ -98,6 +108,13 @@ def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + MANIFEST_SUFFIX)
 
 
+def remote_rel(scene: RemoteScene) -> Path:
+    """Where a remote scene's output goes below OUTDIR: ``<host>/<path of the URL>`` (``:`` of a port as ``_``)."""
+    parts = [p for p in scene.url_path.split("/") if p not in ("", ".", "..")] or [scene.name]
+    host = scene.host.replace(":", "_")
+    return Path(host, *parts) if host else Path(*parts)
+
+
 def plan_jobs(scenes: Sequence[Path], root: Path, outdir: Path, fmt: str = "geojson") -> list[SceneJob]:
     """Map each scene to ``outdir/<path below root>.<ext>``.
 
@@ -108,7 +125,7 @@ def plan_jobs(scenes: Sequence[Path], root: Path, outdir: Path, fmt: str = "geoj
         raise ConfigError(f"unknown output format {fmt!r} (use {', '.join(EXTENSIONS)})")
     ext = EXTENSIONS[fmt]
     outdir = Path(os.path.abspath(outdir))
-    rels = [Path(os.path.relpath(s, root)) for s in scenes]
+    rels = [remote_rel(s) if isinstance(s, RemoteScene) else Path(os.path.relpath(s, root)) for s in scenes]
     counts = Counter(str(r.with_suffix(ext)).lower() for r in rels)
     jobs = []
     for scene, rel in zip(scenes, rels):

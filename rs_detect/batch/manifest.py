@@ -13,6 +13,7 @@ from rs_detect import __version__
 from rs_detect.config import Config
 from rs_detect.errors import ModelError
 from rs_detect.fsutil import atomic_write_text
+from rs_detect.io.location import RemoteScene
 
 if TYPE_CHECKING:
     from rs_detect.batch.discovery import SceneJob
@@ -35,7 +36,13 @@ def _sha256_file(path: Path) -> str:
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
-    """Size, mtime_ns and a hash of the first and last 64 KiB: cheap, and catches rewrites in place."""
+    """Size, mtime_ns and a hash of the first and last 64 KiB: cheap, and catches rewrites in place.
+
+    A remote scene (a URL) is identified by its name alone: all three are None, and a finished remote
+    scene is skipped while the model, config and output match (``--force`` redoes it).
+    """
+    if isinstance(path, RemoteScene):
+        return {"size": None, "mtime_ns": None, "partial_sha256": None}
     st = path.stat()
     h = hashlib.sha256(str(st.st_size).encode())
     with open(path, "rb") as fh:
@@ -106,6 +113,8 @@ def why_not_complete(job: SceneJob, identity: RunIdentity) -> str | None:
         return "model changed"
     if doc.get("config_sha256") != identity.config_sha256:
         return "config changed"
+    if isinstance(job.scene, RemoteScene):
+        return None if doc.get("input", {}).get("path") == str(job.scene) else "input changed"
     try:
         st = job.scene.stat()
     except OSError:

@@ -10,6 +10,7 @@ import click
 
 from rs_detect.cli.options import build_config, scene_options
 from rs_detect.errors import RsDetectError, error_line
+from rs_detect.io.location import scene_path
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -26,7 +27,7 @@ def interrupted(scene: Path) -> None:
 
 
 @click.command()
-@click.argument("scene", type=click.Path(path_type=Path))
+@click.argument("scene", callback=lambda ctx, param, value: scene_path(value))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file: .geojson, .gpkg (style inside) or .parquet (GeoParquet: QGIS opens it only with "
                    "GDAL >= 3.8 built with the Arrow/Parquet driver). [default: SCENE.detections.geojson beside the "
                    "scene, with its QGIS style SCENE.detections.qml]")

@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -30,6 +29,7 @@ from rasterio.windows import Window
 
 from rs_detect.errors import InputError
 from rs_detect.errors import one_line as _one_line
+from rs_detect.io.location import scene_path
 from rs_detect.io.bands import LUMA, BandPlan, Combine, plan_bands
 from rs_detect.io.stretch import add_counts, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
 from rs_detect.memory import mapped_array
@@ -66,7 +66,7 @@ class RasterSource:
         (:func:`rs_detect.executor.measure_scale`). Close the source only once every thread that reads
         through it has finished (the executor's shutdown order).
         """
-        self.path = Path(path)
+        self.path = scene_path(path)  # a URL or /vsi path stays as written (Path would fold its "//")
         self.name = self.path.name
         if not self.path.exists():
             raise InputError(f"{self.path}: no such file")

@@ -41,6 +41,10 @@ def default_output(scene: Path) -> Path:
     """``SCENE.detections.geojson`` beside the scene: its style ``SCENE.detections.qml`` is the one QGIS
     loads for it (QGIS looks for ``<name without the last extension>.qml``), and it cannot be taken for
     the scene raster's own style (``SCENE.qml``)."""
+    from rs_detect.io.location import RemoteScene
+
+    if isinstance(scene, RemoteScene):  # a URL: in the current folder
+        return Path(f"{scene.stem}.detections.geojson")
     return scene.with_name(f"{scene.stem}.detections.geojson")
 
 
