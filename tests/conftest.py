@@ -243,3 +243,14 @@ def batch_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"dynamic": mini_onnx(d / "dynamic.onnx"), "static": mini_onnx(d / "static.onnx", dynamic=False)}
     out["edited"] = edit_batch_dims(out["static"], d / "edited.onnx")
     return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    """The fault-injection suite's case counts (tests/test_faults*.py), for the record."""
+    import sys
+
+    counts = getattr(sys.modules.get("fault_counts"), "COUNTS", None)
+    if counts:
+        terminalreporter.write_sep("-", "fault-injection cases run (case: times)")
+        for case, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{case}: {n}")

@@ -221,3 +221,6 @@ def dask_setup(worker: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: setsid is enough for the terminal's Ctrl-C
         pass
+    from rs_detect.gdal_messages import route_to_logging
+
+    route_to_logging()  # GDAL's warnings become the scene's warnings in the run summary

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rs_detect import __version__
 from rs_detect.config import Config
-from rs_detect.errors import ModelError
+from rs_detect.errors import ModelError, OutputError
 from rs_detect.fsutil import atomic_write_text
 from rs_detect.io.location import RemoteScene
 
@@ -132,7 +132,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
     Created like any output (mode 0666 less the umask, 0644 under the usual umask 022), not 0600.
     """
-    atomic_write_text(path, text, fsync=True)
+    try:
+        atomic_write_text(path, text, fsync=True)
+    except OSError as exc:  # a full disk, a folder gone: one line naming the file
+        from rs_detect.io.writer import write_problem
+
+        raise OutputError(f"{path}: cannot write ({write_problem(exc, path.parent)})") from None
 
 
 def write_manifest(job: SceneJob, identity: RunIdentity, fingerprint: dict[str, Any], outcome: SceneOutcome, run_id: str = "") -> None:

@@ -72,6 +72,12 @@ class DefaultGroup(click.Group):
 
     default_command = "detect"
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # before click turns it into "Aborted!" after an empty line
+            _interrupted_while_starting(0, None)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
@@ -93,6 +99,10 @@ def _setup_logging() -> None:
     root.propagate = False
     # rs-detect says these itself, once and in one line
     warnings.filterwarnings("ignore", message=".*'crs' was not provided.*", category=UserWarning)
+    # GDAL's own warnings as "warning: GDAL: ..." lines, once each, instead of raw "Warning 1:" lines
+    from rs_detect.gdal_messages import route_to_logging
+
+    route_to_logging()
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
