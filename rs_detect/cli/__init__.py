@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> Any:
         _interrupted_while_starting(0, None)  # unwound already: nothing is open; leave without the teardown
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+        code = exc.exit_code
+    except SystemExit as exc:  # a command's own exit (1 after an error line, a batch's status)
+        code = exc.code
+    # The command is over and everything is written: a Ctrl-C now (while the interpreter tears down
+    # torch and GDAL) has nothing left to stop, and must not turn a finished run into a killed one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code if isinstance(code, int) else 0 if code is None else code)
