@@ -5,7 +5,8 @@ Everything runs ``rs-detect`` in a subprocess (a crash must fail the test: exit 
 checked, a signal exit is a failure) on data generated here. The targets: no traceback, no exit code
 above 2 other than 130, no partial or stale file, no scene lost or done twice. Case counts are
 printed at the end of the run (tests/fault_counts.py). The malformed-metadata fuzzing is in
-tests/test_faults_metadata.py; a Dask worker killed mid-run in tests/test_batch.py.
+tests/test_faults_metadata.py; a Dask worker killed mid-run in tests/test_batch.py; the reader's
+own truncation and Ctrl-C cases in tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from rs_detect.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = ["--tile-size", "64", "--overlap", "16"]
-#: Truncated scenes stop crashing only with the reader fix of issue 20 item 1 (threads finished before
-#: their dataset closes); until it is on main these cases may fail and are reported as xfail.
-CRASH_FIX = pytest.mark.xfail(strict=False, reason="a read error can still crash the process until the reader's thread fix lands")
 DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
 FRACTIONS = (0.05, 0.4, 0.9)
 RNG = random.Random(20)  # the "random moments": reproducible
@@ -125,7 +123,6 @@ def truncated_archive(folder: Path) -> list[Path]:
     return made
 
 
-@CRASH_FIX
 def test_truncated_scenes_of_every_dtype_in_batch(tmp_path: Path, model: Path) -> None:
     scenes = truncated_archive(tmp_path / "cut")
     assert len(scenes) >= 7 * len(FRACTIONS)  # int8 needs GDAL >= 3.7; the rest always
@@ -149,7 +146,6 @@ def test_truncated_scenes_of_every_dtype_in_batch(tmp_path: Path, model: Path) -
         record(f"truncated {scene.stem} (batch, serial)", runs)
 
 
-@CRASH_FIX
 def test_truncated_uint16_scene_detect_repeated(tmp_path: Path, model: Path) -> None:
     """The audit's repro, smaller: a uint16 scene cut to 5 % of its size, run again and again."""
     img = (many_squares(1024, 1024).astype(np.uint16) * 200 + 300)
