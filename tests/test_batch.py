@@ -385,7 +385,7 @@ def test_local_workers_share_the_cores_among_their_readers(tmp_path: Path, monke
     seen: list[b.WorkerSpec] = []
 
     @contextlib.contextmanager
-    def fake_client(workers: int | None, scheduler: str | None, device: str) -> Iterator[tuple[object, int]]:
+    def fake_client(workers: int | None, scheduler: str | None, device: str, gpus: object = None) -> Iterator[tuple[object, int]]:
         yield object(), 4
 
     monkeypatch.setattr(b, "dask_client", fake_client)

@@ -20,7 +20,7 @@ The package, one module per job:
 * :mod:`~rs_detect.batch.discovery` finds the scenes and plans their outputs;
 * :mod:`~rs_detect.batch.manifest` fingerprints inputs and writes/reads the manifests;
 * :mod:`~rs_detect.batch.worker` runs one scene (the process-wide engine cache lives there);
-* :mod:`~rs_detect.batch.cluster` runs the scenes on Dask;
+* :mod:`~rs_detect.batch.cluster` runs the scenes on Dask (:mod:`~rs_detect.batch.gpus`: one worker per GPU);
 * :mod:`~rs_detect.batch.summary` keeps the run summary and writes the merged index;
 * :mod:`~rs_detect.batch.runner` ties them together (:func:`run_batch`).
 """

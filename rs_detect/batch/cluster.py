@@ -93,11 +93,14 @@ def warm_workers(client: Client, spec: WorkerSpec) -> list[str]:
 
 
 @contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None, device: str = "cpu") -> Iterator[tuple[Client, int]]:
+def dask_client(workers: int | None = None, scheduler: str | None = None, device: str = "cpu",
+                gpus: Sequence[str] | None = None) -> Iterator[tuple[Client, int]]:
     """A client on ``scheduler`` (a running cluster) or on a new local cluster of ``workers`` processes.
 
     Local clusters use processes with one thread each (GIL-free scaling; each process loads its engine
-    once). With ``device == "cuda"`` and dask-cuda installed, a LocalCUDACluster pins one worker per GPU.
+    once). With ``gpus`` (see :mod:`rs_detect.batch.gpus`) one worker per GPU, each started with
+    ``CUDA_VISIBLE_DEVICES`` set to its GPU: by dask-cuda's LocalCUDACluster when it is installed and the
+    device is cuda, else by this module.
     Yields the client and the number of workers; the cluster is closed on exit, even on Ctrl-C.
     """
     try:
@@ -114,7 +117,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, device
         finally:
             client.close()
         return
-    n = int(workers or 1)
+    n = len(gpus) if gpus else int(workers or 1)
     # after Ctrl-C this process leaves at once; multiprocessing's resource tracker then finds the
     # cluster's semaphores unreleased and would warn about each (it cleans them up all the same)
     quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
@@ -123,7 +126,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, device
     before = _child_pids()
     cluster = None
     try:
-        cluster = _local_cluster(n, device)
+        cluster = _local_cluster(n, device, list(gpus) if gpus else None)
         client = Client(cluster)
     except KeyboardInterrupt:
         _stop_now(cluster, _child_pids() - before)
@@ -138,22 +141,41 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, device
         cluster.close()
 
 
-def _local_cluster(n: int, device: str) -> Any:
+def _local_cluster(n: int, device: str, gpus: list[str] | None = None) -> Any:
     from distributed import LocalCluster
 
-    if str(device) == "cuda":
+    if str(device).startswith("cuda"):
         try:
             from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
         except ImportError:
-            log.warning("dask-cuda is not installed: %d local workers will share the default GPU", n)
+            if not gpus:
+                log.warning("dask-cuda is not installed and fewer than 2 GPUs are visible: %d local workers will share the default GPU", n)
         else:
+            extra = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
             return LocalCUDACluster(n_workers=n, threads_per_worker=1, silence_logs=logging.ERROR, dashboard_address=None,
-                                    preload=[PRELOAD])
+                                    preload=[PRELOAD], **extra)
+    if gpus:
+        return _pinned_cluster(gpus)
     with warnings.catch_warnings():
         # the scheduler's HTTP routes move off a busy default port and warn about it: nothing to act on
         warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
                             dashboard_address=None, preload=[PRELOAD])
+
+
+def _pinned_cluster(gpus: list[str]) -> Any:
+    """One worker process per GPU without dask-cuda: each started with CUDA_VISIBLE_DEVICES=<its GPU>."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{gpu}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": gpu}, "preload": [PRELOAD],
+                                                  "silence_logs": logging.ERROR}}
+        for gpu in gpus
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+        return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+                           silence_logs=logging.ERROR)
 
 
 def _child_pids() -> set[int]:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rs_detect.batch.cluster import OnResult, dask_client, run_dask
+from rs_detect.batch.gpus import plan_gpus
 from rs_detect.batch.discovery import DEFAULT_PATTERNS, SceneJob, discover_scenes, plan_jobs
 from rs_detect.batch.manifest import RunIdentity, why_not_complete
 from rs_detect.batch.outdir import locked
@@ -34,7 +35,7 @@ def run_serial(jobs: Sequence[SceneJob], spec: WorkerSpec, on_result: OnResult) 
 
 def _execute(
     todo: Sequence[SceneJob], config: Config, identity: RunIdentity, summary: BatchSummary, record: OnResult,
-    workers: int | None, scheduler: str | None, run_id: str = "",
+    workers: int | None, scheduler: str | None, run_id: str = "", gpus: Sequence[str] | None = None,
 ) -> None:
     """Run ``todo`` serially or on Dask (``summary.mode`` says which); every outcome goes to ``record``."""
     if not todo:
@@ -44,12 +45,13 @@ def _execute(
         get_pipeline(spec)  # a model that cannot load fails the run now, not once per scene
         run_serial(todo, spec, record)
         return
-    with dask_client(workers, scheduler, str(config.device)) as (client, n):
+    with dask_client(workers, scheduler, str(config.device), gpus) as (client, n):
         summary.workers = n
         threads = max(1, (os.cpu_count() or 1) // n) if scheduler is None else None  # share this host's cores
         if threads is not None and config.read_threads is None:  # and their readers too
             config = replace(config, read_threads=auto_read_threads(str(config.device), threads))
-        run_dask(todo, WorkerSpec(config, identity, threads, run_id=run_id), client, record)
+        summary.gpus = list(gpus or [])
+        run_dask(todo, WorkerSpec(config, identity, threads, run_id=run_id, pinned=bool(gpus)), client, record)
 
 
 def _make_outdir(outdir: Path) -> Path | None:
@@ -103,6 +105,7 @@ def run_batch(
     progress: bool = False,
     on_result: OnResult | None = None,
     wait: bool = False,
+    gpus: Sequence[str] | None = None,
 ) -> BatchSummary:
     """Run every scene of ``inputs`` into ``outdir``; returns the summary (also written to OUTDIR).
 
@@ -114,6 +117,10 @@ def run_batch(
     One run at a time per ``outdir`` (:mod:`rs_detect.batch.outdir`): a second one fails with an
     :class:`OutputError` naming the holder, or with ``wait`` waits for it. A run that fails before
     any scene (a bad model, an unreachable scheduler) leaves no output folder it created.
+
+    GPUs (:func:`rs_detect.batch.gpus.plan_gpus`): with ``device="cuda"`` and several visible GPUs, or
+    ``gpus`` given, the run starts one local Dask worker per GPU, pinned to it; the summary records the
+    GPU of every scene. ``gpus`` with another device pins the worker processes all the same (tests).
     """
     if workers is not None and scheduler is not None:
         raise ConfigError("give either workers (a local cluster) or scheduler (an existing one), not both")
@@ -123,13 +130,17 @@ def run_batch(
         check_index_format(index)
     scenes, root = discover_scenes(inputs, patterns, exclude=[outdir])
     jobs = plan_jobs(scenes, root, outdir, fmt)
+    if gpus is not None and str(config.device) != "cuda":
+        pinned: list[str] | None = list(gpus)  # the assignment without GPUs (tests on the CPU)
+    else:
+        pinned = plan_gpus(str(config.device), tuple(gpus) if gpus is not None else None, workers, scheduler)
     identity = RunIdentity.of(config)  # a missing model fails before OUTDIR exists
     created = _make_outdir(outdir)
     try:
         if index is not None:
             check_writable(index)  # after OUTDIR exists: the index may live inside it
         with locked(outdir, wait=wait, on_wait=lambda msg: log.warning("%s", msg)):
-            return _run_locked(jobs, outdir, config, identity, fmt, workers, scheduler, index, force, progress, on_result)
+            return _run_locked(jobs, outdir, config, identity, fmt, workers, scheduler, index, force, progress, on_result, pinned)
     except BaseException:
         _remove_if_empty(outdir, created)
         raise
@@ -138,9 +149,10 @@ def run_batch(
 def _run_locked(
     jobs: Sequence[SceneJob], outdir: Path, config: Config, identity: RunIdentity, fmt: str, workers: int | None,
     scheduler: str | None, index: Path | None, force: bool, progress: bool, on_result: OnResult | None,
+    gpus: list[str] | None = None,
 ) -> BatchSummary:
     remove_stale(outdir, recursive=True)  # temporary files of killed runs (their writers are gone)
-    mode = "serial" if workers is None and scheduler is None else ("dask-scheduler" if scheduler else "dask-local")
+    mode = "serial" if workers is None and scheduler is None and not gpus else ("dask-scheduler" if scheduler else "dask-local")
     summary = BatchSummary(
         outdir=outdir, mode=mode, model=identity.model_path, model_sha256=identity.model_sha256,
         config_sha256=identity.config_sha256, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -168,7 +180,7 @@ def _run_locked(
     start = time.perf_counter()
     try:
         with bar:
-            _execute(todo, config, identity, summary, record, workers, scheduler, run_id)
+            _execute(todo, config, identity, summary, record, workers, scheduler, run_id, gpus)
     except KeyboardInterrupt:
         summary.interrupted = True
         summary.seconds = time.perf_counter() - start

@@ -37,6 +37,7 @@ class BatchSummary:
     outcomes: dict[str, SceneOutcome] = field(default_factory=dict)
     index: dict[str, Any] | None = None
     interrupted: bool = False
+    gpus: list[str] = field(default_factory=list)  # one local worker pinned to each (empty: none pinned)
 
     def add(self, outcome: SceneOutcome) -> None:
         """Record a scene; a second report for the same scene (a retried task) replaces the first."""
@@ -81,6 +82,7 @@ class BatchSummary:
             "outdir": str(self.outdir),
             "mode": self.mode,
             "workers": self.workers,
+            "gpus": self.gpus,
             "model": self.model,
             "model_sha256": self.model_sha256,
             "config_sha256": self.config_sha256,
@@ -122,6 +124,9 @@ class BatchSummary:
             f"{self.tiles_done} tiles in {self.seconds:.1f} s: {self.tiles_per_s:.1f} tiles/s, "
             f"{self.scenes_per_s:.2f} scenes/s ({self.mode}, {self.workers} worker{'s' if self.workers != 1 else ''})"
         )
+        if self.gpus:
+            per_gpu = Counter(o.gpu for o in self.by_status("done") if o.gpu is not None)
+            lines.append("scenes per GPU: " + ", ".join(f"{g} {per_gpu.get(g, 0)}" for g in self.gpus))
         if self.index:
             lines.append(f"index: {self.index.get('path')} ({self.index.get('features')} detections, {self.index.get('crs_name')})")
             for note in self.index.get("notes", []):

@@ -36,6 +36,7 @@ class WorkerSpec:
     identity: RunIdentity
     threads: int | None = None  # ONNX Runtime intra-op threads; None: the engine's default
     run_id: str = ""  # written into each manifest: a retried task finds its scene finished by this run
+    pinned: bool = False  # each worker process has one GPU (CUDA_VISIBLE_DEVICES): record it per scene
 
     @property
     def cache_key(self) -> tuple[str, str, str, str, int | None]:
@@ -107,6 +108,7 @@ class SceneOutcome:
     seconds: float = 0.0  # running the scene (engine loading excluded, see load_seconds)
     crs: str | None = None  # WKT of the output's CRS; None: pixel coordinates (scene without CRS)
     worker: str = ""
+    gpu: str | None = None  # the GPU (as CUDA_VISIBLE_DEVICES names it) of a worker pinned to one
     warnings: list[str] = field(default_factory=list)
     load_seconds: float = 0.0  # loading the engine, on the first scene a process runs
     started_at: float = 0.0  # epoch seconds, for throughput over a run's scenes
@@ -183,7 +185,8 @@ def process_scene(job: SceneJob, spec: WorkerSpec) -> dict[str, Any]:
         again = SceneOutcome.skipped(job)
         again.status = "done"
         return again.to_dict()
-    outcome = SceneOutcome(scene=job.rel, status="failed", input=str(job.scene), worker=worker, started_at=time.time())
+    outcome = SceneOutcome(scene=job.rel, status="failed", input=str(job.scene), worker=worker, started_at=time.time(),
+                           gpu=os.environ.get("CUDA_VISIBLE_DEVICES") if spec.pinned else None)
     with _captured_warnings() as captured:
         try:
             t0 = time.perf_counter()

@@ -17,11 +17,22 @@ from rs_detect.cli.options import build_config, scene_options
 from rs_detect.errors import RsDetectError, error_line
 
 
+def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise click.BadParameter("empty list")
+    return items
+
+
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder: one output per scene, mirroring the input tree.")
 @click.option("--pattern", "patterns", multiple=True, help='File name pattern for folders (case-insensitive, repeatable) [default "*.tif", "*.tiff"].')
 @click.option("--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N worker processes (one thread each).")
+@click.option("--gpus", callback=_gpu_list, metavar="LIST", help="With --device cuda: the GPUs to use, e.g. 0,2, one local worker "
+              "each [default: every visible GPU when there are several].")
 @click.option("--scheduler", metavar="ADDRESS", help="Run on an existing Dask cluster, e.g. tcp://host:8786.")
 @click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "parquet"]), default="geojson", show_default=True,
               help="Per-scene output format (parquet: QGIS opens GeoParquet only with GDAL >= 3.8 built with the Arrow/Parquet driver).")
@@ -35,6 +46,7 @@ def batch(
     outdir: Path,
     patterns: tuple[str, ...],
     workers: int | None,
+    gpus: tuple[str, ...] | None,
     scheduler: str | None,
     fmt: str,
     index: Path | None,
@@ -56,13 +68,17 @@ def batch(
     """
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler exclude each other")
+    if gpus is not None and scheduler is not None:
+        raise click.UsageError("--gpus and --scheduler exclude each other (a given cluster places its own workers)")
+    if gpus is not None and flags.get("device") != "cuda":
+        raise click.UsageError("--gpus needs --device cuda")
     try:
         from rs_detect.batch import DEFAULT_PATTERNS, run_batch
 
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
         summary = run_batch(
             inputs, outdir, cfg, patterns=patterns or DEFAULT_PATTERNS, fmt=fmt, workers=workers,
-            scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(), wait=wait,
+            scheduler=scheduler, index=index, force=force, progress=not quiet and sys.stderr.isatty(), wait=wait, gpus=gpus,
         )
     except RsDetectError as exc:
         click.echo(error_line(exc), err=True)
