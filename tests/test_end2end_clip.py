@@ -127,3 +127,26 @@ def test_hbb_clipping_does_not_touch_boxes_inside(tmp_path: Path) -> None:
                       torch.tensor([0, 0]))
     out = clip_boxes(dets, torch.tensor([[64.0, 64.0], [64.0, 40.0]]))
     assert out.boxes.tolist() == [[0, 5, 20, 64], [1, 2, 3, 4]]
+
+
+def test_batch_check_takes_end2end_rows_as_a_set() -> None:
+    """Boxes of nearly equal score may swap places at another batch size (no mixing); rows from another
+    image are mixing."""
+    from rs_detect.engines.modelinfo import compare_batch_runs
+
+    def rows(img: np.ndarray) -> np.ndarray:  # 50 boxes that depend on the image, best first
+        rng = np.random.default_rng(int(img.mean() * 1e6))
+        out = np.concatenate([rng.random((50, 4)) * 256, np.sort(rng.random(50))[::-1, None], np.zeros((50, 1))], 1)
+        return out.astype(np.float32)
+
+    def swapping(images: np.ndarray) -> list[np.ndarray]:
+        out = np.stack([rows(im) for im in images])
+        if len(images) > 1:
+            out[:, [10, 11]] = out[:, [11, 10]]  # another batch size, another order of two boxes
+        return [out]
+
+    def mixing(images: np.ndarray) -> list[np.ndarray]:
+        return [np.stack([rows(images[0]) for _ in images])]
+
+    assert compare_batch_runs(swapping, 3, 32, np.dtype(np.float32)).ok
+    assert not compare_batch_runs(mixing, 3, 32, np.dtype(np.float32)).ok
