@@ -157,6 +157,7 @@ def test_slab_arrays_are_counted_while_any_view_lives(monkeypatch, private_mappi
         monkeypatch.setattr(memory, "_ANON_FLAGS", None)
     elif sys.platform.startswith("linux"):
         assert memory._ANON_FLAGS is not None  # Linux slabs are mappings of their own
+    gc.collect()  # slabs of earlier tests still waiting for the collector would be freed mid-test
     before = slab_memory()["live"]
     slab = prefetch.mapped_array((2, 30, 40), np.dtype(np.uint16))
     slab[:] = 7
