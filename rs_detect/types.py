@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:  # annotations only: engines and post-processing import without rasterio

@@ -46,6 +46,14 @@ def write_tif(
     return path
 
 
+def two_squares() -> np.ndarray:
+    """A 150 x 200 uint8 scene with two bright 32 px squares: something for the tiny model to find."""
+    img = np.full((150, 200), 20, dtype=np.uint8)
+    img[10:42, 20:52] = 250
+    img[90:122, 140:172] = 250
+    return img
+
+
 @pytest.fixture
 def tif_factory(tmp_path: Path):
     def make(name: str, data: np.ndarray, **kw: object) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyogrio
 import pytest
 from click.testing import CliRunner
@@ -18,7 +17,7 @@ from pyproj import CRS
 from rasterio.crs import CRS as RioCRS
 from rasterio.transform import from_origin
 
-from conftest import write_tif
+from conftest import two_squares, write_tif
 from rs_detect.cli import cli
 from rs_detect.io.writer import read_metadata
 
@@ -39,20 +38,13 @@ MARS = (
 )
 
 
-def squares() -> np.ndarray:
-    img = np.full((150, 200), 20, dtype=np.uint8)
-    img[10:42, 20:52] = 250
-    img[90:122, 140:172] = 250
-    return img
-
-
 def run(*args: object):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture
 def custom_utm(tmp_path: Path) -> Path:
-    path = write_tif(tmp_path / "custom.tif", squares(), crs=RioCRS.from_wkt(CUSTOM_UTM), transform=from_origin(300000, 4200000, 30, 30))
+    path = write_tif(tmp_path / "custom.tif", two_squares(), crs=RioCRS.from_wkt(CUSTOM_UTM), transform=from_origin(300000, 4200000, 30, 30))
     assert RioCRS.from_wkt(CUSTOM_UTM).to_epsg() is None  # no EPSG code: GDAL writes no crs member for it
     return path
 
@@ -72,7 +64,7 @@ def test_native_geojson_names_a_crs_without_epsg_code(custom_utm: Path, tiny_onn
 
 
 def test_native_geojson_with_an_epsg_code_gets_the_urn(tmp_path: Path, tiny_onnx: Path) -> None:
-    scene = write_tif(tmp_path / "utm.tif", squares())
+    scene = write_tif(tmp_path / "utm.tif", two_squares())
     out = tmp_path / "utm.geojson"
     assert run(scene, "--model", tiny_onnx, *TILE, "--crs", "native", "-o", out, "-q").exit_code == 0
     doc = json.loads(out.read_text())
@@ -92,7 +84,7 @@ def test_wgs84_geojson_has_no_crs_member(custom_utm: Path, tiny_onnx: Path, tmp_
 
 @pytest.mark.parametrize("fmt", ["geojson", "gpkg", "parquet"])
 def test_a_mars_crs_is_kept_and_the_metadata_says_so(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
-    scene = write_tif(tmp_path / "mars.tif", squares(), crs=RioCRS.from_wkt(MARS), transform=from_origin(-100000, 200000, 5, 5))
+    scene = write_tif(tmp_path / "mars.tif", two_squares(), crs=RioCRS.from_wkt(MARS), transform=from_origin(-100000, 200000, 5, 5))
     out = tmp_path / f"mars.{fmt}"
     res = run(scene, "--model", tiny_onnx, *TILE, "-o", out, "-q")  # the default: --crs wgs84
     assert res.exit_code == 0, res.output

@@ -7,23 +7,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import one_error_line, write_tif
+from conftest import one_error_line, two_squares, write_tif
 from range_server import RangeHandler, free_port, serve
 from rs_detect.cli import cli
 from rs_detect.io.location import RemoteScene, is_remote, scene_path
 
 TILE = ["--tile-size", "64", "--overlap", "16"]
-
-
-def squares() -> np.ndarray:
-    img = np.full((150, 200), 20, dtype=np.uint8)
-    img[10:42, 20:52] = 250
-    img[90:122, 140:172] = 250
-    return img
 
 
 def run(*args: object):
@@ -34,8 +26,8 @@ def run(*args: object):
 def served(tmp_path: Path):
     folder = tmp_path / "www"
     (folder / "sub").mkdir(parents=True)
-    write_tif(folder / "scene.tif", squares())
-    write_tif(folder / "sub" / "other.tif", squares()[::-1].copy())
+    write_tif(folder / "scene.tif", two_squares())
+    write_tif(folder / "sub" / "other.tif", two_squares()[::-1].copy())
     with serve(folder) as url:
         yield url, folder
 

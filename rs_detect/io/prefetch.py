@@ -28,7 +28,6 @@ import torch
 from rasterio.windows import Window
 
 from rs_detect import memory
-from rs_detect.config import cutter_threads  # noqa: F401  (re-exported: the default the plan resolves)
 from rs_detect.dtypes import pixel_torch_dtype
 from rs_detect.io.reader import RasterSource
 from rs_detect.types import RawBatch, SkippedTile, Tile
