@@ -143,3 +143,23 @@ def test_thresholds_are_chosen_on_validation_sets_only() -> None:
     got = trm.choose(sets)
     assert got["plane"]["conf"] == 0.3 and got["plane"]["test"]["P0.5"] == 0.5
     assert got["ship"]["conf"] == 0.4 and got["ship"]["test"] is None  # a tie goes to the higher threshold
+
+
+def test_airport_image_without_planes_gets_an_empty_truth_file(tmp_path: Path) -> None:
+    """The airport ``valid`` split has images with an empty label file: their truth is an empty layer that
+    reads back, not a crash, and the GeoTIFF is the image with the stated made-up georeferencing."""
+    split = tmp_path / "valid"
+    (split / "images").mkdir(parents=True)
+    (split / "labelTxt").mkdir()
+    for name, label in (("airport_1_jpg.rf.a", ""), ("airport_2_jpg.rf.b", "10 20 50 20 50 40 10 40 airplane 0\n")):
+        Image.fromarray(np.full((60, 80, 3), 90, dtype=np.uint8)).save(split / "images" / f"{name}.jpg")
+        (split / "labelTxt" / f"{name}.txt").write_text(label)
+    out = tmp_path / "out"
+    out.mkdir()
+    empty = trm.airport_geotiff(split / "images" / "airport_1_jpg.rf.a.jpg", out)
+    full = trm.airport_geotiff(split / "images" / "airport_2_jpg.rf.b.jpg", out)
+    assert len(gpd.read_file(empty.with_suffix(".truth.geojson"))) == 0
+    t = gpd.read_file(full.with_suffix(".truth.geojson"))
+    assert list(t["px_x1"]) == [10] and list(t["px_y2"]) == [40] and t.total_bounds[2] - t.total_bounds[0] == 20
+    with rasterio.open(empty) as ds:
+        assert (ds.count, ds.width, ds.height, ds.res) == (3, 80, 60, (0.5, 0.5)) and ds.crs.to_epsg() == 32633

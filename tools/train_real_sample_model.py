@@ -341,6 +341,8 @@ def airport_geotiff(src: Path, dst: Path) -> Path:
     boxes = airport_boxes(src.parent.parent / "labelTxt" / (src.stem + ".txt"))
     rows = [{"class_name": "plane", "px_x1": b[0], "px_y1": b[1], "px_x2": b[2], "px_y2": b[3],
              "geometry": shapely.box(*(transform * (b[0], b[3])), *(transform * (b[2], b[1])))} for b in boxes]
+    if not rows:  # an image without planes: an empty truth file with the same columns
+        rows = {"class_name": [], "px_x1": [], "px_y1": [], "px_x2": [], "px_y2": [], "geometry": []}
     gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:32633").to_file(tif.with_suffix(".truth.geojson"))
     return tif
 
@@ -379,9 +381,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for k, (tif, _, cls) in enumerate(items):
             pred = detect(tif, args.model, args.out / f"{name}_{tif.stem}.geojson", args.conf)
             p, t = gpd.read_file(pred), gpd.read_file(tif.with_suffix(".truth.geojson"))
-            if not len(p):  # no detection: an empty frame without the columns
-                p = gpd.GeoDataFrame({c: pd.Series(dtype=float) for c in ("px_x1", "px_y1", "px_x2", "px_y2", "score")}
+            empty = gpd.GeoDataFrame({c: pd.Series(dtype=float) for c in ("px_x1", "px_y1", "px_x2", "px_y2", "score")}
                                      | {"class_name": pd.Series(dtype=object)}, geometry=gpd.GeoSeries([]))
+            # no detection, or an image without planes: an empty file reads back without the columns
+            p = p if len(p) else empty
+            t = t if len(t) else empty.drop(columns="score")
             for f in (p, t):  # one frame per set: keep scenes apart in pixel space
                 for c in ("px_x1", "px_x2"):
                     f[c] = f[c] + k * 100_000
