@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and the one YAML loader.
+"""Files written whole or not at all, the one file hash, and the one YAML loader.
 
 Every file rs-detect writes (detections, previews, exported models, engines, sidecars, synthetic
 scenes) goes through :func:`atomic_path`: the writer fills a temporary name in the destination
@@ -8,6 +8,7 @@ partial or corrupt file under the real name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,15 @@ from rs_detect.io.tempfiles import remove_stale, temp_name
 
 #: files SQLite (GeoPackage) and GDAL may leave beside a temporary file that failed
 _COMPANIONS = ("-wal", "-shm", "-journal", ".aux.xml", ".crs")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (models, scenes, checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextmanager

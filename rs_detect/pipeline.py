@@ -9,24 +9,16 @@ The order of the stages and every thread of a run: :mod:`rs_detect.executor`. Th
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from rs_detect.config import Config
 from rs_detect.engines.base import Engine
 from rs_detect.executor import SceneExecutor
+from rs_detect.fsutil import file_sha256
 from rs_detect.plan import RunPlan, resolve_plan
 from rs_detect.stages import SceneResult
 
 __all__ = ["ScenePipeline", "SceneResult", "file_sha256"]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ScenePipeline:

@@ -30,7 +30,7 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    from rs_detect.pipeline import file_sha256
+    from rs_detect.fsutil import file_sha256
 
     return file_sha256(path)
 

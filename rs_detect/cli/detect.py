@@ -46,7 +46,7 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
         from rs_detect.engines import load_engine
         from rs_detect.executor import SceneExecutor
         from rs_detect.io.writer import default_output
-        from rs_detect.pipeline import file_sha256
+        from rs_detect.fsutil import file_sha256
         from rs_detect.plan import resolve_plan
         from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
 

@@ -8,7 +8,6 @@ will run it. A result that is not truly batch-dynamic is a :class:`ModelError`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 from rs_detect.engines import registry
 from rs_detect.engines.modelinfo import ModelInfo, require_dynamic
 from rs_detect.errors import EngineUnavailableError, ModelError, one_line
+from rs_detect.fsutil import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,6 @@ def cache_dir() -> Path:
     return Path(base) / "rs-detect" / "models"
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ultralytics_device(device: str) -> str:
     """rs-detect's ``cuda`` / ``cuda:N`` as Ultralytics names GPUs (``0``, ``N``)."""
     if device.startswith("cuda"):
@@ -147,7 +139,7 @@ def checkpoint_export(weights: Path, device: str = "cpu", imgsz: int | None = No
     weights = Path(weights)
     fmt = "torchscript" if str(device).startswith("cuda") else "onnx"
     suffix = registry.exporter(fmt).EXPORT_SUFFIX
-    digest = _sha256(weights)[:16]
+    digest = file_sha256(weights)[:16]
     folder = cache_dir()
     target = folder / f"{weights.stem}-{digest}{f'-{imgsz}' if imgsz else ''}{suffix}"
     if target.is_file():
