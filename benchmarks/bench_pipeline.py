@@ -5,6 +5,8 @@
     # engine-only vs end-to-end for each scene, one fresh process per scene (peak RSS per scene)
     python benchmarks/bench_pipeline.py run --model m.torchscript --device cuda --batch 16 \
         --scenes /tmp/scenes/*.tif --csv out.csv --png out.png [--seed-baseline SCENE]
+    # the reading path alone: windows decoded, cut, uploaded and scaled, then dropped (no model)
+    python benchmarks/bench_pipeline.py reader --scene /tmp/scenes/scene_32768_uint16_tiled_deflate.tif --device cuda
     # peak RSS as the scene grows, with a fake engine (no model needed)
     python benchmarks/bench_pipeline.py memory --sizes 2048,16384
 
@@ -264,7 +266,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     else:
         engine = load_engine(Path(args.model), device=args.device)
     mark("engine")
-    cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25)
+    cfg = Config(batch_size=args.batch, device=args.device, read_threads=args.threads, prefetch=args.prefetch, classes=None, conf=0.25,
+                 reader=args.reader)
     t_setup = time.perf_counter()
     pipe = ScenePipeline(engine, cfg, None if args.model == "null" else Path(args.model))  # captures the CUDA graph
     setup_s = time.perf_counter() - t_setup
@@ -302,7 +305,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     eng, e2e = float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
     return {
         "scene": scene.name, "model": Path(args.model).stem, "backend": engine.backend + ("-seed" if args.seed_style else ""), "device": args.device,
-        "batch": pipe.batch_size, "prefetch": pipe.prefetch, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": rs_memory.TRIM_EVERY_S, "tiles": tiles, "seconds": round(seconds, 3),
+        "batch": pipe.batch_size, "prefetch": pipe.prefetch, "reader": result.stats.reader, "jit_profiling": args.jit_profiling, "switch_interval_s": sys.getswitchinterval(), "trim_every_s": rs_memory.TRIM_EVERY_S, "tiles": tiles, "seconds": round(seconds, 3),
         "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)), "pipeline_setup_s": round(setup_s, 3),
         "engine_iters": 0 if args.model == "null" or args.seed_style else iters,
         "engine_tiles_s": round(eng, 1), "e2e_tiles_s": round(e2e, 1),
@@ -312,6 +315,77 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
     }
+
+
+# -- the reader alone ----------------------------------------------------------------------------------
+
+
+def reader_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Tiles/s of the reading path alone: windows decoded, cut, uploaded and scaled into the engine's
+    device memory (as the model would take them), then dropped. No model, no decode, no stitching.
+
+    GB/s: ``scene_gbps`` counts the scene's pixels once (what was decoded), ``window_gbps`` the window
+    pixels handed over (overlap counted as often as windows hold it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rs_detect.config import auto_prefetch, cutter_threads
+    from rs_detect.io.gpu_blocks import gpu_read_plan, gpu_window_batches
+    from rs_detect.io.prefetch import reset_slab_peak, slab_memory, window_batches
+    from rs_detect.io.reader import RasterSource
+    from rs_detect.io.tiling import iter_tiles, tile_count
+    from rs_detect.preprocess import Normalizer
+    from rs_detect.types import SkippedTile
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    size, overlap = 1024, 192
+    rows = []
+    for rep in range(args.repeat + 1):  # the first pass warms the page cache, the CUDA context and the allocator
+        t_open = time.perf_counter()
+        src = RasterSource(args.scene, channels=1, handles=args.threads)
+        scale = src.scale
+        t_ready = time.perf_counter()
+        readers = ThreadPoolExecutor(args.threads, thread_name_prefix="rs-read")
+        cutters = ThreadPoolExecutor(cutter_threads(args.threads), thread_name_prefix="rs-cut")
+        stream = torch.cuda.Stream(device=dev) if cuda else None
+        norm = Normalizer(src, dev, torch.float16 if cuda else torch.float32, 0.0, scale=scale, upload_stream=stream)
+        tiles = iter_tiles(src.width, src.height, size, overlap, src.transform)
+        layout, why = gpu_read_plan(src, dev, args.reader)
+        read_stream = torch.cuda.Stream(device=dev) if cuda else None
+        n = 0
+        reset_slab_peak()
+        t0 = time.perf_counter()
+        if layout is not None:
+            batches = gpu_window_batches(src, layout, tiles, readers, args.batch, size, dev, read_stream)
+        else:
+            batches = window_batches(src, tiles, readers, args.batch, size, cuda, args.prefetch or auto_prefetch(args.device, args.batch),
+                                     args.threads, cutters, stride=size - overlap)
+        for item in batches:
+            if isinstance(item, SkippedTile):
+                n += 1
+                continue
+            norm(item)
+            n += item.size
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        readers.shutdown()
+        cutters.shutdown()
+        total = tile_count(src.width, src.height, size, overlap)
+        assert n == total, (n, total)
+        item = src.dtype.itemsize
+        row = {"scene": Path(args.scene).name, "reader": "blocks " + layout.codec if layout is not None else f"gdal ({why})",
+               "dtype": str(src.dtype), "device": args.device, "threads": args.threads,
+               "batch": args.batch, "tiles": n, "seconds": round(dt, 3), "tiles_s": round(n / dt, 1),
+               "scene_gbps": round(src.width * src.height * item / dt / 1e9, 2),
+               "window_gbps": round(n * size * size * item / dt / 1e9, 2), "open_and_stretch_s": round(t_ready - t_open, 3),
+               "slab_peak_mb": round(slab_memory()["peak"] / 2**20, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        src.close()
+        if rep:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    best = max(rows, key=lambda r: r["tiles_s"])
+    return {**best, "tiles_s_all": [r["tiles_s"] for r in rows]}
 
 
 def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -326,7 +400,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
             + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
-            + ["--repeat", str(getattr(args, "repeat", 1))] \
+            + ["--repeat", str(getattr(args, "repeat", 1)), "--reader", getattr(args, "reader", "auto")] \
             + (["--trace", str(Path(args.trace_dir) / f"trace_{Path(scene).stem}{'_seed' if seed else ''}.json")] if getattr(args, "trace_dir", None) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -409,6 +483,7 @@ def main() -> None:
         p.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval for the run (0: Python's 5 ms)")
         p.add_argument("--repeat", type=int, default=1, help="engine-only and end-to-end this many times in turn; medians reported")
         p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
+        p.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks"], help="the reading path (Config.reader)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
@@ -425,6 +500,14 @@ def main() -> None:
     pl.add_argument("--png", type=Path, required=True)
     pl.add_argument("--title", default="rs-detect: engine-only vs end-to-end")
     pl.add_argument("--labels", nargs="+", help="one per CSV, shown under its bars (e.g. the model)")
+    rd = sub.add_parser("reader", help="the reading path alone (no model): tiles/s and GB/s decoded")
+    rd.add_argument("--scene", required=True)
+    rd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rd.add_argument("--batch", type=int, default=16)
+    rd.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 2) - 4))
+    rd.add_argument("--prefetch", type=int, default=None)
+    rd.add_argument("--repeat", type=int, default=3, help="measured passes after one warm-up pass")
+    rd.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks"], help="the reading path (Config.reader)")
     mem = sub.add_parser("memory")
     mem.add_argument("--sizes", default="2048,16384")
     mem.add_argument("--out", type=Path, default=Path("/tmp/rs-mem"))
@@ -437,6 +520,8 @@ def main() -> None:
             t0 = time.perf_counter()
             p = write_scene(args.out / f"scene_{size}_{dtype}_{layout}_{comp}.tif", int(size), dtype, layout, comp)
             print(f"{p} {p.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
+    elif args.cmd == "reader":
+        print(json.dumps(reader_only(args)))
     elif args.cmd == "one":
         print(json.dumps(run_one(args)))
     elif args.cmd == "run":

@@ -40,6 +40,7 @@ does :meth:`SceneExecutor.run` close the dataset: no thread reads a dataset that
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
@@ -59,6 +60,7 @@ from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.georef import coordinates_label
 from rs_detect.io.location import scene_path
+from rs_detect.io.gpu_blocks import gpu_read_plan, gpu_window_batches
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles, tile_count
@@ -69,6 +71,7 @@ from rs_detect.preprocess import Normalizer
 from rs_detect.stages import SceneResult, Thresholds, TileDecoder, georeference, stitch_scene
 from rs_detect.types import Detections, RawBatch, RunStats, ScaleInfo, SkippedTile, Tile
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
 
@@ -240,9 +243,11 @@ class SceneExecutor:
         self.decoder = TileDecoder(plan, self.meta, self.thresholds)
         self._upload_stream: torch.cuda.Stream | None = None
         self._decode_stream: torch.cuda.Stream | None = None
+        self._read_stream: torch.cuda.Stream | None = None
         if engine.device.type == "cuda":
             self._upload_stream = torch.cuda.Stream(device=engine.device)
             self._decode_stream = torch.cuda.Stream(device=engine.device)
+            self._read_stream = torch.cuda.Stream(device=engine.device)  # the GPU reading path's decodes and cuts
         if warmup:
             engine.warmup(plan.engine.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
 
@@ -273,6 +278,7 @@ class SceneExecutor:
                     "scene": scene.name, "scene_size": [src.width, src.height],
                     "georeferencing": src.georef,
                     "bands": list(src.plan.indexes), "band_combine": src.plan.combine, "scale": scale.as_dict(),
+                    "reader": stats.reader,
                 }
                 band_plan = src.plan
             finally:
@@ -301,8 +307,18 @@ class SceneExecutor:
         scale_job = measure_scale(src, threads.readers)  # queued ahead of any tile
         stats.tiles_total = tile_count(src.width, src.height, tiling.tile_size, tiling.overlap)
         tiles = iter_tiles(src.width, src.height, tiling.tile_size, tiling.overlap, src.transform)
-        batches = window_batches(src, tiles, threads.readers, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
-                                 ex.read_threads, threads.cutters, stride=tiling.stride)
+        layout, why = gpu_read_plan(src, self.engine.device, ex.reader)
+        batches: Iterable[RawBatch | SkippedTile]
+        if layout is not None:
+            batches = gpu_window_batches(src, layout, tiles, threads.readers, eng.batch_size, eng.imgsz, self.engine.device,
+                                         self._read_stream)
+            stats.reader = f"{'GPU' if self.engine.device.type == 'cuda' else 'blocks'} ({layout.codec})"
+        else:
+            if ex.reader == "blocks":
+                log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)
+            batches = window_batches(src, tiles, threads.readers, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
+                                     ex.read_threads, threads.cutters, stride=tiling.stride)
+            stats.reader = f"GDAL ({why})" if self.engine.device.type == "cuda" else "GDAL"
         norm: Normalizer | None = None
         parts: list[Detections] = []
         bar = tqdm(total=stats.tiles_total, unit="tile", desc=src.name, disable=not progress,

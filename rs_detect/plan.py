@@ -82,6 +82,7 @@ class ExecutionPlan:
     decode_ahead: int  # batches inferred and still being decoded
     pin_memory: bool  # batches in pinned host memory (a CUDA device)
     gdal_cachemax_mb: int | None  # set for the run; None: the environment's GDAL_CACHEMAX stands
+    reader: str = "auto"  # auto | gdal | blocks (rs_detect.io.gpu_blocks.gpu_read_plan); chosen per scene
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def resolve_plan(config: Config, engine: Engine, model_path: Path | None = None,
             read_threads=read_threads, cutter_threads=cutter_threads(read_threads), read_ahead=read_ahead, handover=1,
             # decodes in flight: as many batches as are read ahead (the depth the pipeline always used)
             decode_ahead=read_ahead, pin_memory=device == "cuda",
-            gdal_cachemax_mb=None if "GDAL_CACHEMAX" in os.environ else GDAL_CACHEMAX_MB),
+            gdal_cachemax_mb=None if "GDAL_CACHEMAX" in os.environ else GDAL_CACHEMAX_MB, reader=config.reader),
         postprocess=PostprocessPlan(
             conf=float(conf), conf_by_class=tuple((k, float(v)) for k, v in by_class.items()),
             class_filter=config.classes, kept_classes=None if kept is None else tuple(names[i] for i in kept), iou=config.iou, max_det=config.max_det, stitch_conf=config.stitch_conf,

@@ -71,6 +71,14 @@ class Normalizer:
         """
         if self.device.type != "cuda":
             return batch.data, batch.valid
+        if batch.data.is_cuda:  # decoded on the GPU (rs_detect.io.gpu_blocks): wait for its stream's event
+            consumer = torch.cuda.current_stream(self.device)
+            if batch.ready is not None:
+                consumer.wait_event(batch.ready)
+            for t in (batch.data, batch.valid):  # made on the reader's stream, used on this one
+                if t is not None:
+                    t.record_stream(consumer)
+            return batch.data, batch.valid
         if self._stream is None:
             return batch.data.to(self.device, non_blocking=True), None if batch.valid is None else batch.valid.to(self.device, non_blocking=True)
         consumer = torch.cuda.current_stream(self.device)

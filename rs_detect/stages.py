@@ -103,5 +103,5 @@ class SceneResult:
         dest = f" -> {self.output}" if self.output else ""
         return (
             f"{self.scene.name}: {s.tiles_read} tiles read, {s.tiles_skipped} skipped (nodata), "
-            f"{s.detections} detections ({per}) in {s.seconds:.1f} s{dest}"
+            f"{s.detections} detections ({per}) in {s.seconds:.1f} s{dest}" + (f" [read: {s.reader}]" if s.reader else "")
         )

@@ -53,12 +53,15 @@ class Tile:
 
 @dataclass(frozen=True)
 class RawBatch:
-    """Raw pixels [N, bands, S, S] in the file's dtype (pinned host memory when feeding a GPU), their
-    validity [N, S, S] (None: every pixel valid) and the tiles they hold, in slot order."""
+    """Raw pixels [N, bands, S, S] in the file's dtype (pinned host memory when feeding a GPU, or
+    already on it: the GPU reading path), their validity [N, S, S] (None: every pixel valid) and the
+    tiles they hold, in slot order. ``ready``: for pixels on the GPU, the event after which they are
+    in place (the engine's stream waits for it)."""
 
     data: torch.Tensor
     valid: torch.Tensor | None
     tiles: tuple[Tile, ...]
+    ready: torch.cuda.Event | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4 or self.data.shape[0] != len(self.tiles):
@@ -267,6 +270,7 @@ class RunStats:
     per_class: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reader: str = ""  # the reading path the scene took and why (e.g. "GPU (deflate)", "GDAL (striped, not tiled)")
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds

@@ -1,0 +1,136 @@
+"""The GPU reading path (rs_detect.io.gpu_blocks) run on the CPU: the same block reads, predictor,
+layout and window cuts as on a GPU, with zlib standing in for nvCOMP (InflateDecoder). Every window
+must equal what the GDAL slab reader gives."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.enums import ColorInterp as CI
+
+from rs_detect.io import gpu_blocks
+from rs_detect.io.gpu_blocks import BlockFile, InflateDecoder, block_layout, gpu_read_plan, gpu_window_batches
+from rs_detect.io.prefetch import window_batches
+from rs_detect.io.reader import RasterSource
+from rs_detect.io.tiling import iter_tiles
+
+
+def write(path: Path, data: np.ndarray, **kw: object) -> Path:
+    bands, h, w = data.shape
+    prof = dict(driver="GTiff", width=w, height=h, count=bands, dtype=data.dtype, tiled=True, blockxsize=256, blockysize=256,
+                compress="deflate", crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 4500000, 1, 1))
+    prof.update(kw)
+    with rasterio.open(path, "w", **prof) as ds:
+        ds.write(data)
+        if bands == 3:
+            ds.colorinterp = (CI.red, CI.green, CI.blue)
+    return path
+
+
+def scene(dtype: str, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    smooth = np.cumsum(rng.integers(-3, 4, shape), axis=-1)  # neighbours alike: the predictor matters
+    return (smooth % (int(info.max) - int(info.min) + 1) + int(info.min)).astype(dtype)
+
+
+def both_paths(path: Path, size: int = 512, overlap: int = 96, batch: int = 3) -> tuple[list, list]:
+    with RasterSource(path, channels=1) as src, ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(2) as cutters:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        assert not isinstance(layout, str), layout
+        tiles = list(iter_tiles(src.width, src.height, size, overlap, src.transform))
+        cpu = list(window_batches(src, iter(tiles), pool, batch, size, False, 2, 2, cutters, stride=size - overlap))
+        gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, torch.device("cpu"), None, ahead=1,
+                                      decoder=InflateDecoder()))
+    return cpu, gpu
+
+
+def assert_same(cpu: list, gpu: list) -> None:
+    assert [b.tiles for b in cpu] == [b.tiles for b in gpu]
+    for a, b in zip(cpu, gpu):
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        if a.valid is None:
+            assert b.valid is None or bool(b.valid.all())
+            assert torch.equal(a.data, b.data)
+        else:
+            assert b.valid is not None and torch.equal(a.valid, b.valid)
+            assert torch.equal(torch.where(a.valid[:, None], a.data, 0), torch.where(b.valid[:, None], b.data, 0))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8"])
+@pytest.mark.parametrize("predictor", [1, 2])
+def test_windows_equal_gdal_for_each_dtype_and_predictor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, predictor: int) -> None:
+    monkeypatch.setattr(gpu_blocks, "GROUP_ROWS", 512)  # several decode groups, windows across two of them
+    data = scene(dtype, (1, 1300, 1100))
+    path = write(tmp_path / "s.tif", data, predictor=predictor)
+    cpu, gpu = both_paths(path)
+    assert_same(cpu, gpu)
+    assert len(gpu) == 3 and sum(b.size for b in gpu) == 9
+
+
+def test_short_scene_windows_are_padded_like_the_cpu_path(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 300, 700)), predictor=2)  # shorter than a window
+    cpu, gpu = both_paths(path, size=512, overlap=64)
+    assert gpu[0].valid is not None and not bool(gpu[0].valid.all())
+    assert_same(cpu, gpu)
+
+
+def test_uncompressed_and_rgb_pixel_interleaved(tmp_path: Path) -> None:
+    assert_same(*both_paths(write(tmp_path / "raw.tif", scene("uint16", (1, 700, 900)), compress="none")))
+    rgb = write(tmp_path / "rgb.tif", scene("uint8", (3, 600, 800)), photometric="rgb", interleave="pixel")
+    cpu, gpu = both_paths(rgb)
+    assert cpu[0].data.shape[1] == 3  # luminance is computed later, from the three bands
+    assert_same(cpu, gpu)
+
+
+def test_blocks_out_of_file_order_and_far_apart_are_read_right(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 800, 800), seed=3))
+    monkeypatch.setattr(gpu_blocks, "MAX_GAP", 16)  # every block its own read
+    monkeypatch.setattr(gpu_blocks, "IOV_MAX", 6)
+    assert_same(*both_paths(path))
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        (dict(tiled=False), "striped"),
+        (dict(compress="lzw"), "lzw"),
+        (dict(compress="jpeg"), "jpeg"),
+    ],
+)
+def test_files_the_gpu_path_does_not_take_say_why(tmp_path: Path, kw: dict, reason: str) -> None:
+    path = write(tmp_path / "s.tif", scene("uint8", (1, 300, 300)), **kw)
+    with RasterSource(path) as src:
+        layout, why = gpu_read_plan(src, torch.device("cuda"), "auto")
+    assert layout is None and reason in why
+
+
+def test_float_nodata_and_cpu_device_keep_the_cpu_path(tmp_path: Path) -> None:
+    f = write(tmp_path / "f.tif", np.zeros((1, 300, 300), np.float32))
+    nd = write(tmp_path / "nd.tif", scene("uint16", (1, 300, 300)), nodata=0)
+    ok = write(tmp_path / "ok.tif", scene("uint16", (1, 300, 300)))
+    with RasterSource(f) as a, RasterSource(nd) as b, RasterSource(ok) as c:
+        assert gpu_read_plan(a, torch.device("cuda"))[1] == "nodata or mask"
+        assert gpu_read_plan(b, torch.device("cuda"))[1] == "nodata or mask"
+        assert gpu_read_plan(c, torch.device("cpu"))[1] == "engine not on a GPU"
+        assert gpu_read_plan(c, torch.device("cuda"), "gdal")[1] == "GDAL reading asked for"
+
+
+def test_a_corrupt_block_is_a_one_line_input_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 512)))
+    with RasterSource(path) as src:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+    assert not isinstance(layout, str)
+    raw = bytearray(path.read_bytes())
+    raw[int(layout.offsets[0, 1])] = 0x00  # the zlib header of block (0, 1)
+    path.write_bytes(bytes(raw))
+    f = BlockFile(layout)
+    buf = np.empty(f.size(0, 1), np.uint8)
+    with pytest.raises(Exception, match="not zlib data"):
+        f.read(0, 1, buf)
+    f.close()
