@@ -62,8 +62,9 @@ def memory_breakdown() -> dict[str, float | int | None]:
 # -- scenes -------------------------------------------------------------------------------------------
 
 
-def write_scene(path: Path, size: int, dtype: str, layout: str, compress: str, seed: int = 0) -> Path:
-    """A textured scene with bright objects, written 1024 rows at a time (never whole in memory)."""
+def write_scene(path: Path, size: int, dtype: str, layout: str, compress: str, seed: int = 0, height: int | None = None) -> Path:
+    """A textured scene with bright objects, written 1024 rows at a time (never whole in memory);
+    ``size`` wide and ``height`` (default: ``size``) high."""
     import rasterio
     from rasterio.transform import from_origin
 
@@ -76,13 +77,14 @@ def write_scene(path: Path, size: int, dtype: str, layout: str, compress: str, s
         base[y : y + rng.integers(15, 60), x : x + rng.integers(15, 60)] = 0.9
     base = np.clip(base, 0, 1)
     scale, offset = (250.0, 0.0) if dtype == "uint8" else (3500.0, 300.0)
-    prof = dict(driver="GTiff", width=size, height=size, count=1, dtype=dtype, crs="EPSG:32633",
+    height = height or size
+    prof = dict(driver="GTiff", width=size, height=height, count=1, dtype=dtype, crs="EPSG:32633",
                 transform=from_origin(500000, 4500000, 0.5, 0.5), compress=compress, NUM_THREADS="ALL_CPUS", BIGTIFF="IF_SAFER")
     if layout == "tiled":
         prof.update(tiled=True, blockxsize=512, blockysize=512)
     with rasterio.open(path, "w", **prof) as ds:
-        for y in range(0, size, 1024):
-            h = min(1024, size - y)
+        for y in range(0, height, 1024):
+            h = min(1024, height - y)
             rows = np.roll(base, shift=(y * 7) % 2048, axis=0)
             band = np.tile(rows, (1, -(-size // 2048)))[: ((h + 2047) // 2048) * 2048][:h, :size]
             if band.shape[0] < h:
@@ -356,7 +358,10 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         reset_slab_peak()
         t0 = time.perf_counter()
         if layout is not None:
-            batches = gpu_window_batches(src, layout, tiles, readers, args.batch, size, dev, read_stream)
+            from rs_detect.io.gpu_blocks import NvcompDecoder
+
+            decoder = NvcompDecoder(dev, read_stream) if args.reader == "nvcomp" and read_stream is not None and layout.compression == "deflate" else None
+            batches = gpu_window_batches(src, layout, tiles, readers, args.batch, size, dev, read_stream, decoder=decoder)
         else:
             batches = window_batches(src, tiles, readers, args.batch, size, cuda, args.prefetch or auto_prefetch(args.device, args.batch),
                                      args.threads, cutters, stride=size - overlap)
@@ -374,7 +379,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         total = tile_count(src.width, src.height, size, overlap)
         assert n == total, (n, total)
         item = src.dtype.itemsize
-        row = {"scene": Path(args.scene).name, "reader": "blocks " + layout.codec if layout is not None else f"gdal ({why})",
+        row = {"scene": Path(args.scene).name, "reader": f"{args.reader}: " + (layout.codec if layout is not None else f"gdal ({why})"),
                "dtype": str(src.dtype), "device": args.device, "threads": args.threads,
                "batch": args.batch, "tiles": n, "seconds": round(dt, 3), "tiles_s": round(n / dt, 1),
                "scene_gbps": round(src.width * src.height * item / dt / 1e9, 2),
@@ -469,7 +474,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sc = sub.add_parser("scenes")
     sc.add_argument("--out", type=Path, required=True)
-    sc.add_argument("--spec", nargs="+", required=True, help="SIZE:DTYPE:LAYOUT:COMPRESS, e.g. 8192:uint16:tiled:deflate")
+    sc.add_argument("--spec", nargs="+", required=True, help="SIZE:DTYPE:LAYOUT:COMPRESS, e.g. 8192:uint16:tiled:deflate (SIZE: N or WIDTHxHEIGHT)")
     for name in ("run", "one"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
@@ -483,7 +488,7 @@ def main() -> None:
         p.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval for the run (0: Python's 5 ms)")
         p.add_argument("--repeat", type=int, default=1, help="engine-only and end-to-end this many times in turn; medians reported")
         p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
-        p.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks"], help="the reading path (Config.reader)")
+        p.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
@@ -507,7 +512,7 @@ def main() -> None:
     rd.add_argument("--threads", type=int, default=max(2, (os.cpu_count() or 2) - 4))
     rd.add_argument("--prefetch", type=int, default=None)
     rd.add_argument("--repeat", type=int, default=3, help="measured passes after one warm-up pass")
-    rd.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks"], help="the reading path (Config.reader)")
+    rd.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
     mem = sub.add_parser("memory")
     mem.add_argument("--sizes", default="2048,16384")
     mem.add_argument("--out", type=Path, default=Path("/tmp/rs-mem"))
@@ -518,7 +523,8 @@ def main() -> None:
         for spec in args.spec:
             size, dtype, layout, comp = spec.split(":")
             t0 = time.perf_counter()
-            p = write_scene(args.out / f"scene_{size}_{dtype}_{layout}_{comp}.tif", int(size), dtype, layout, comp)
+            w, _, h = size.partition("x")  # SIZE or WIDTHxHEIGHT
+            p = write_scene(args.out / f"scene_{size}_{dtype}_{layout}_{comp}.tif", int(w), dtype, layout, comp, height=int(h) if h else None)
             print(f"{p} {p.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
     elif args.cmd == "reader":
         print(json.dumps(reader_only(args)))

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rs_detect.io import gpu_blocks  # noqa: E402
-from rs_detect.io.gpu_blocks import gpu_read_plan, gpu_window_batches  # noqa: E402
+from rs_detect.io.gpu_blocks import NvcompDecoder, gpu_read_plan, gpu_window_batches  # noqa: E402
 from rs_detect.io.prefetch import window_batches  # noqa: E402
 from rs_detect.io.reader import RasterSource  # noqa: E402
 from rs_detect.io.tiling import iter_tiles  # noqa: E402
@@ -45,7 +45,7 @@ def write(path: Path, dtype: str, shape: tuple[int, int, int], seed: int = 0, **
     return path
 
 
-def compare(path: Path, size: int = 1024, overlap: int = 192, batch: int = 16) -> dict:
+def compare(path: Path, nvcomp: bool, size: int = 1024, overlap: int = 192, batch: int = 16) -> dict:
     dev = torch.device("cuda")
     with RasterSource(path, channels=1) as src, ThreadPoolExecutor(8) as pool, ThreadPoolExecutor(4) as cutters:
         layout, why = gpu_read_plan(src, dev, "auto")
@@ -54,7 +54,8 @@ def compare(path: Path, size: int = 1024, overlap: int = 192, batch: int = 16) -
         tiles = list(iter_tiles(src.width, src.height, size, overlap, src.transform))
         cpu = list(window_batches(src, iter(tiles), pool, batch, size, False, 2, 8, cutters, stride=size - overlap))
         stream = torch.cuda.Stream()
-        gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, dev, stream))
+        decoder = NvcompDecoder(dev, stream) if nvcomp and layout.compression == "deflate" else None
+        gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, dev, stream, decoder=decoder))
         torch.cuda.synchronize()
         equal, windows = True, 0
         for a, b in zip(cpu, gpu, strict=True):
@@ -64,10 +65,12 @@ def compare(path: Path, size: int = 1024, overlap: int = 192, batch: int = 16) -
                 same = torch.equal(a.data, bd)
             else:
                 bv = b.valid.cpu()
-                same = torch.equal(a.valid, bv) and torch.equal(torch.where(a.valid[:, None], a.data, 0), torch.where(bv[:, None], bd, 0))
+                ad, bd = a.data.to(torch.int32), bd.to(torch.int32)
+                same = torch.equal(a.valid, bv) and torch.equal(torch.where(a.valid[:, None], ad, 0), torch.where(bv[:, None], bd, 0))
             equal &= same
             windows += a.size
-    return {"scene": path.name, "gpu_path": True, "codec": layout.codec, "equal": bool(equal), "windows": windows}
+    return {"scene": path.name, "gpu_path": True, "codec": layout.codec, "inflate": "nvCOMP" if decoder else "host",
+            "equal": bool(equal), "windows": windows}
 
 
 def main() -> int:
@@ -76,7 +79,7 @@ def main() -> int:
     ap.add_argument("--scene", nargs="*", default=[])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu_blocks.GROUP_ROWS = 1024  # several decode groups in these small scenes
+    gpu_blocks.GROUP_ROWS = gpu_blocks.HOST_GROUP_ROWS = 1024  # several decode groups in these small scenes
     o = args.out
     files = [
         write(o / "u16_p1.tif", "uint16", (1, 3000, 2600)),
@@ -90,9 +93,10 @@ def main() -> int:
     ] + [Path(s) for s in args.scene]
     bad = 0
     for f in files:
-        row = compare(f)
-        bad += row.get("gpu_path") and not row.get("equal")
-        print(json.dumps(row), flush=True)
+        for nvcomp in (False, True):
+            row = compare(f, nvcomp)
+            bad += row.get("gpu_path") and not row.get("equal")
+            print(json.dumps(row), flush=True)
     return 1 if bad else 0
 
 

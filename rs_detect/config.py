@@ -96,7 +96,7 @@ class Config:
     nodata_fill: float = 0.0
     read_threads: int | None = None  # None: auto_read_threads(device)
     prefetch: int | None = None  # batches read ahead of the engine; None: auto_prefetch(device, batch)
-    reader: Literal["auto", "gdal", "blocks"] = "auto"  # auto: blocks decoded on the GPU where the file allows (rs_detect.io.gpu_blocks)
+    reader: Literal["auto", "gdal", "blocks", "nvcomp"] = "auto"  # auto: blocks decoded on the GPU where the file allows (rs_detect.io.gpu_blocks)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -117,7 +117,7 @@ class Config:
         check(self.crs in ("wgs84", "native"), f"crs must be wgs84 or native, got {self.crs!r}")
         check(str(self.device) == "cpu" or str(self.device).startswith("cuda"), f"device must be cpu or cuda[:N], got {self.device!r}")
         check(self.bands is None or all(int(b) >= 1 for b in self.bands), f"bands are 1-based, got {self.bands}")
-        check(self.reader in ("auto", "gdal", "blocks"), f"reader must be auto, gdal or blocks, got {self.reader!r}")
+        check(self.reader in ("auto", "gdal", "blocks", "nvcomp"), f"reader must be auto, gdal, blocks or nvcomp, got {self.reader!r}")
         check((self.read_threads is None or self.read_threads >= 1) and (self.prefetch is None or self.prefetch >= 1),
               "read_threads and prefetch must be >= 1")
 

@@ -60,7 +60,7 @@ from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
 from rs_detect.georef import coordinates_label
 from rs_detect.io.location import scene_path
-from rs_detect.io.gpu_blocks import gpu_read_plan, gpu_window_batches
+from rs_detect.io.gpu_blocks import NvcompDecoder, gpu_read_plan, gpu_window_batches, inflater_name
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles, tile_count
@@ -310,9 +310,12 @@ class SceneExecutor:
         layout, why = gpu_read_plan(src, self.engine.device, ex.reader)
         batches: Iterable[RawBatch | SkippedTile]
         if layout is not None:
+            nvcomp = ex.reader == "nvcomp" and layout.compression == "deflate" and self._read_stream is not None
+            decoder = NvcompDecoder(self.engine.device, self._read_stream) if nvcomp else None  # type: ignore[arg-type]
             batches = gpu_window_batches(src, layout, tiles, threads.readers, eng.batch_size, eng.imgsz, self.engine.device,
-                                         self._read_stream)
-            stats.reader = f"{'GPU' if self.engine.device.type == 'cuda' else 'blocks'} ({layout.codec})"
+                                         self._read_stream, decoder=decoder)
+            where = "nvCOMP" if nvcomp else inflater_name() if layout.compression == "deflate" else "raw"
+            stats.reader = f"blocks, {layout.codec}, {where}" + (", cut on the GPU" if self.engine.device.type == "cuda" else "")
         else:
             if ex.reader == "blocks":
                 log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)

@@ -13,6 +13,7 @@ import rasterio
 import torch
 from rasterio.enums import ColorInterp as CI
 
+from rs_detect.errors import InputError
 from rs_detect.io import gpu_blocks
 from rs_detect.io.gpu_blocks import BlockFile, InflateDecoder, block_layout, gpu_read_plan, gpu_window_batches
 from rs_detect.io.prefetch import window_batches
@@ -39,14 +40,16 @@ def scene(dtype: str, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return (smooth % (int(info.max) - int(info.min) + 1) + int(info.min)).astype(dtype)
 
 
-def both_paths(path: Path, size: int = 512, overlap: int = 96, batch: int = 3) -> tuple[list, list]:
+def both_paths(path: Path, size: int = 512, overlap: int = 96, batch: int = 3, device_decoder: bool = False) -> tuple[list, list]:
+    """GDAL's slab reader vs the block reader: blocks inflated in the reader pool (the default), or,
+    with ``device_decoder``, by the device-side decoder's code path (InflateDecoder for nvCOMP)."""
     with RasterSource(path, channels=1) as src, ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(2) as cutters:
         layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
         assert not isinstance(layout, str), layout
         tiles = list(iter_tiles(src.width, src.height, size, overlap, src.transform))
         cpu = list(window_batches(src, iter(tiles), pool, batch, size, False, 2, 2, cutters, stride=size - overlap))
         gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, torch.device("cpu"), None, ahead=1,
-                                      decoder=InflateDecoder()))
+                                      decoder=InflateDecoder() if device_decoder else None))
     return cpu, gpu
 
 
@@ -64,11 +67,15 @@ def assert_same(cpu: list, gpu: list) -> None:
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8"])
 @pytest.mark.parametrize("predictor", [1, 2])
-def test_windows_equal_gdal_for_each_dtype_and_predictor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, predictor: int) -> None:
+@pytest.mark.parametrize("device_decoder", [False, True])
+def test_windows_equal_gdal_for_each_dtype_and_predictor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, predictor: int,
+                                                         device_decoder: bool) -> None:
     monkeypatch.setattr(gpu_blocks, "GROUP_ROWS", 512)  # several decode groups, windows across two of them
+    monkeypatch.setattr(gpu_blocks, "HOST_GROUP_ROWS", 512)
+    monkeypatch.setattr(gpu_blocks, "HOST_CHUNK", 3)  # jobs that end inside a block row
     data = scene(dtype, (1, 1300, 1100))
     path = write(tmp_path / "s.tif", data, predictor=predictor)
-    cpu, gpu = both_paths(path)
+    cpu, gpu = both_paths(path, device_decoder=device_decoder)
     assert_same(cpu, gpu)
     assert len(gpu) == 3 and sum(b.size for b in gpu) == 9
 
@@ -130,7 +137,22 @@ def test_a_corrupt_block_is_a_one_line_input_error(tmp_path: Path) -> None:
     raw[int(layout.offsets[0, 1])] = 0x00  # the zlib header of block (0, 1)
     path.write_bytes(bytes(raw))
     f = BlockFile(layout)
-    buf = np.empty(f.size(0, 1), np.uint8)
-    with pytest.raises(Exception, match="not zlib data"):
-        f.read(0, 1, buf)
+    buf = np.empty(f.size(slice(0, 2)), np.uint8)
+    with pytest.raises(InputError, match=r"s.tif: block 1,0 \(column, row\) is not zlib data"):
+        f.read(slice(0, 2), buf)
     f.close()
+
+
+def test_a_block_that_does_not_inflate_names_file_and_block(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 512)))
+    with RasterSource(path) as src:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+    assert not isinstance(layout, str)
+    raw = bytearray(path.read_bytes())
+    o = int(layout.offsets[1, 0])
+    raw[o + 2 : o + 40] = b"\xff" * 38  # a valid zlib header, then no DEFLATE stream
+    path.write_bytes(bytes(raw))
+    with RasterSource(path) as src, ThreadPoolExecutor(2) as pool:
+        tiles = iter_tiles(src.width, src.height, 256, 0, src.transform)
+        with pytest.raises(InputError, match=r"s.tif: block 0,1 \(column, row\) does not inflate"):
+            list(gpu_window_batches(src, layout, tiles, pool, 4, 256, torch.device("cpu"), None))

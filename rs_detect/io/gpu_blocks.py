@@ -25,7 +25,6 @@ Steps 2 and 3 are written on torch tensors of any device: with a CPU stand-in fo
 from __future__ import annotations
 
 import os
-import threading
 import zlib
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Iterable, Iterator
@@ -43,6 +42,8 @@ from rs_detect.types import RawBatch, Tile
 COMPRESSION = {1: "none", 8: "deflate", 32946: "deflate"}  # TIFF compression tag -> what this path decodes
 ALIGN = 8  # slot alignment of compressed blocks (nvCOMP needs 4)
 GROUP_ROWS = 2048  # pixel rows of a decode group: block rows decoded in one nvCOMP batch
+HOST_GROUP_ROWS = 1024  # pixel rows of a group inflated on the CPU (one pinned buffer, one copy to the device)
+HOST_CHUNK = 16  # blocks a reader-pool job reads and inflates
 MAX_GAP = 1 << 20  # blocks further apart in the file than this start a new read
 IOV_MAX = 1000  # buffers per preadv (the system's limit is 1024)
 
@@ -136,11 +137,12 @@ def gpu_read_plan(src, device: torch.device, mode: str = "auto") -> tuple[BlockL
     """Whether ``src`` is read on ``device`` (its :class:`BlockLayout`) and, if not, why (one phrase).
 
     ``mode``: ``auto`` (this path wherever it applies on a GPU), ``gdal`` (never: GDAL's slab reader),
-    ``blocks`` (this path on any device where the file allows it; on the CPU, zlib inflates the blocks:
-    a check of the path, not a speed-up)."""
+    ``blocks`` (this path on any device where the file allows it), ``nvcomp`` (this path with the
+    blocks inflated on the GPU by nvCOMP; measured slower than the CPU's libdeflate on noisy uint16,
+    and it takes GPU time from the engine: docs/benchmarks.md)."""
     if mode == "gdal":
         return None, "GDAL reading asked for"
-    if device.type != "cuda" and mode != "blocks":
+    if device.type != "cuda" and mode not in ("blocks", "nvcomp"):
         return None, "engine not on a GPU"
     if src.has_mask:
         return None, "nodata or mask"
@@ -149,7 +151,7 @@ def gpu_read_plan(src, device: torch.device, mode: str = "auto") -> tuple[BlockL
     layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
     if isinstance(layout, str):
         return None, layout
-    if layout.compression == "deflate" and device.type == "cuda" and not nvcomp_available():
+    if mode == "nvcomp" and device.type == "cuda" and not nvcomp_available():
         return None, "nvCOMP not installed"
     return layout, ""
 
@@ -170,11 +172,11 @@ class BlockFile:
             os.close(self.fd)
             self.fd = -1
 
-    def slots(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For block rows [r0, r1), in block order: each block's payload offset in the file, its length,
-        and its slot's start in the buffer (8-byte aligned)."""
-        off = self.layout.offsets[r0:r1].ravel()
-        cnt = self.layout.counts[r0:r1].ravel()
+    def slots(self, blocks: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For ``blocks`` (a slice of the blocks in row-major order), in that order: each block's
+        payload offset in the file, its length, and its slot's start in the buffer (8-byte aligned)."""
+        off = self.layout.offsets.ravel()[blocks]
+        cnt = self.layout.counts.ravel()[blocks]
         if self.layout.compression == "deflate":  # a raw DEFLATE stream between the zlib header and checksum
             off, cnt = off + 2, cnt - 6
             if (cnt <= 0).any():
@@ -185,15 +187,15 @@ class BlockFile:
         starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
         return off, cnt, starts
 
-    def size(self, r0: int, r1: int) -> int:
-        """Bytes of the buffer that :meth:`read` of block rows [r0, r1) fills."""
-        _, cnt, starts = self.slots(r0, r1)
+    def size(self, blocks: slice) -> int:
+        """Bytes of the buffer that :meth:`read` of ``blocks`` fills."""
+        _, cnt, starts = self.slots(blocks)
         return int(starts[-1] + cnt[-1]) + ALIGN
 
-    def read(self, r0: int, r1: int, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Read block rows [r0, r1) into ``buf`` (uint8, large enough: see :meth:`size`); returns the
-        slots (start, length) in block order."""
-        off, cnt, starts = self.slots(r0, r1)
+    def read(self, blocks: slice, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read ``blocks`` into ``buf`` (uint8, large enough: see :meth:`size`); returns their slots
+        (start, length) in block order."""
+        off, cnt, starts = self.slots(blocks)
         deflate = self.layout.compression == "deflate"
         order = np.argsort(off, kind="stable")
         views: list[memoryview] = []
@@ -234,7 +236,9 @@ class BlockFile:
             # a zlib stream: CM 8 (DEFLATE), header check, no preset dictionary (TIFF never uses one)
             bad = ((headers[:, 0] & 0x0F) != 8) | (((headers[:, 0].astype(np.int32) << 8) | headers[:, 1]) % 31 != 0) | ((headers[:, 1] & 0x20) != 0)
             if bad.any():
-                raise InputError(f"{self.layout.path}: block {int(np.flatnonzero(bad)[0])} of rows {r0}-{r1 - 1} is not zlib data")
+                cols = self.layout.grid[1]
+                k = (blocks.start or 0) + int(np.flatnonzero(bad)[0])
+                raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) is not zlib data")
         return starts, cnt
 
 
@@ -273,6 +277,26 @@ class NvcompDecoder:
     into_place = True  # decode straight into the caller's rows (nvCOMP >= 4.2 takes outside buffers)
 
 
+def inflater_name() -> str:
+    try:
+        import deflate  # noqa: F401
+
+        return "libdeflate"
+    except ImportError:
+        return "zlib"
+
+
+def host_inflater(size: int):
+    """Raw DEFLATE -> bytes of ``size``, on the CPU, the GIL released while it inflates: libdeflate
+    (the ``deflate`` package) where installed, about 2.5 times zlib's speed on the H100 host; else zlib."""
+    try:
+        import deflate
+
+        return lambda data: deflate.deflate_decompress(data, size)
+    except ImportError:
+        return lambda data: zlib.decompress(data, wbits=-15, bufsize=size)
+
+
 class InflateDecoder:
     """The CPU stand-in for :class:`NvcompDecoder` (zlib on tensors in host memory): what the tests use."""
 
@@ -306,38 +330,46 @@ def undo_predictor(blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 
 
 class GpuBlockReader:
-    """Decodes a scene in groups of block rows on ``device`` and cuts windows from them."""
+    """Decodes a scene in groups of block rows and cuts windows from them on ``device``.
+
+    Where the blocks are inflated: by default on the CPU (:func:`host_inflater` in the reader pool,
+    ``HOST_CHUNK`` blocks a job, straight into the group's pinned buffer, which then goes to the
+    device in one copy); with ``decoder`` (e.g. :class:`NvcompDecoder`) on the device, from the
+    compressed bytes. Uncompressed blocks are read into place."""
 
     def __init__(self, src, layout: BlockLayout, device: torch.device, pool: ThreadPoolExecutor, ahead: int,
                  stream: torch.cuda.Stream | None, decoder: BlockDecoder | None = None) -> None:
         self.src, self.layout, self.device, self.pool = src, layout, device, pool
         self.stream = stream
         self.file = BlockFile(layout)
-        rows, _ = layout.grid
-        self.group_blocks = max(1, GROUP_ROWS // layout.tile_h)  # block rows per group
+        rows, cols = layout.grid
+        self.decoder = decoder if layout.compression == "deflate" else None
+        self.host = layout.compression == "deflate" and decoder is None  # inflate in the reader pool
+        group_rows = HOST_GROUP_ROWS if self.host else GROUP_ROWS
+        self.group_blocks = max(1, group_rows // layout.tile_h)  # block rows per group
         self.group_rows = self.group_blocks * layout.tile_h
         self.groups = -(-rows // self.group_blocks)
         self.ahead = max(1, ahead)
-        if decoder is None and layout.compression == "deflate":
-            decoder = NvcompDecoder(device, stream) if stream is not None else InflateDecoder()
-        self.decoder = decoder
         self.bands = torch.as_tensor([i - 1 for i in src.plan.indexes], dtype=torch.long, device=device)
-        self._reads: dict[int, Future[tuple[torch.Tensor, np.ndarray, np.ndarray]]] = {}
+        self._reads: dict[int, list[Future[tuple[torch.Tensor, np.ndarray, np.ndarray] | None]]] = {}
+        self._buffers: dict[int, torch.Tensor] = {}  # group -> pinned [blocks, block_bytes] (host inflate)
         self._decoded: dict[int, torch.Tensor] = {}  # group -> [bands, rows, width]
         self._next_read = 0
-        self._lock = threading.Lock()
         self.pin = device.type == "cuda"
+        self._inflate = host_inflater(layout.block_bytes) if self.host else None
 
     def close(self) -> None:
-        for f in self._reads.values():
+        futures = [f for fs in self._reads.values() for f in fs]
+        for f in futures:
             f.cancel()
-        for f in self._reads.values():
+        for f in futures:
             if not f.cancelled():
                 try:
                     f.result()
                 except BaseException:  # noqa: BLE001 - closing: the error, if any, was raised already
                     pass
         self._reads.clear()
+        self._buffers.clear()
         self._decoded.clear()
         self.file.close()
 
@@ -345,32 +377,64 @@ class GpuBlockReader:
         rows, _ = self.layout.grid
         return g * self.group_blocks, min(rows, (g + 1) * self.group_blocks)
 
-    def _read(self, g: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        r0, r1 = self._span(g)
-        host = torch.empty(self.file.size(r0, r1), dtype=torch.uint8, pin_memory=self.pin)
-        starts, lens = self.file.read(r0, r1, host.numpy())
+    def _read(self, blocks: slice) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Compressed (or raw) ``blocks`` into slots of a new pinned buffer."""
+        host = torch.empty(self.file.size(blocks), dtype=torch.uint8, pin_memory=self.pin)
+        starts, lens = self.file.read(blocks, host.numpy())
         return host, starts, lens
 
+    def _inflate_into(self, blocks: slice, out: np.ndarray) -> None:
+        """Read and inflate ``blocks`` into ``out`` [len(blocks), block_bytes] (a reader-pool job)."""
+        buf = np.empty(self.file.size(blocks), dtype=np.uint8)
+        starts, lens = self.file.read(blocks, buf)
+        inflate = self._inflate
+        assert inflate is not None
+        for i, (s, n) in enumerate(zip(starts, lens)):
+            try:
+                block = inflate(memoryview(buf)[int(s) : int(s) + int(n)])
+            except Exception as exc:  # noqa: BLE001 - a corrupt stream: named with its block
+                k = (blocks.start or 0) + i
+                cols = self.layout.grid[1]
+                raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) does not inflate ({exc})") from None
+            if len(block) != out.shape[1]:
+                raise InputError(f"{self.layout.path}: block {i} of a group inflates to {len(block)} bytes, not {out.shape[1]}")
+            out[i] = np.frombuffer(block, dtype=np.uint8)
+
     def _request(self, upto: int) -> None:
+        cols = self.layout.grid[1]
         while self._next_read < min(upto, self.groups):
-            self._reads[self._next_read] = self.pool.submit(self._read, self._next_read)
+            g = self._next_read
+            r0, r1 = self._span(g)
+            first, last = r0 * cols, r1 * cols
+            if self.host:
+                buf = torch.empty((last - first, self.layout.block_bytes), dtype=torch.uint8, pin_memory=self.pin)
+                self._buffers[g] = buf
+                arr = buf.numpy()
+                self._reads[g] = [self.pool.submit(self._inflate_into, slice(a, min(a + HOST_CHUNK, last)), arr[a - first : a - first + HOST_CHUNK])
+                                  for a in range(first, last, HOST_CHUNK)]
+            else:
+                self._reads[g] = [self.pool.submit(self._read, slice(first, last))]
             self._next_read += 1
 
     def _decode(self, g: int) -> torch.Tensor:
         """Group ``g`` as [bands, rows, width] in the file's dtype, on the device (on the reader's stream)."""
         self._request(g + 1 + self.ahead)
-        host, starts, lens = self._reads.pop(g).result()
+        results = [f.result() for f in self._reads.pop(g)]
         L = self.layout
         r0, r1 = self._span(g)
-        n = len(starts)
         cols = L.grid[1]
-        data = host.to(self.device, non_blocking=True)
-        if L.compression == "none":
-            blocks = data[: n * L.block_bytes].view(n, L.block_bytes)  # slots of whole blocks, back to back
+        n = (r1 - r0) * cols
+        if self.host:
+            # the pinned buffer may be reused once its copy is done: torch's pinned allocator waits for it
+            blocks = self._buffers.pop(g).to(self.device, non_blocking=True)
         else:
-            blocks = torch.empty((n, L.block_bytes), dtype=torch.uint8, device=self.device)
-            assert self.decoder is not None
-            self.decoder(data, starts, lens, blocks)
+            host, starts, lens = results[0]  # type: ignore[misc]
+            data = host.to(self.device, non_blocking=True)
+            if self.decoder is None:  # uncompressed: slots of whole blocks, back to back
+                blocks = data[: n * L.block_bytes].view(n, L.block_bytes)
+            else:
+                blocks = torch.empty((n, L.block_bytes), dtype=torch.uint8, device=self.device)
+                self.decoder(data, starts, lens, blocks)
         px = undo_predictor(blocks, L)  # [n, th, tw, samples]
         rows = (r1 - r0) * L.tile_h
         px = px.view(r1 - r0, cols, L.tile_h, L.tile_w, L.samples).permute(4, 0, 2, 1, 3).reshape(L.samples, rows, cols * L.tile_w)
@@ -378,7 +442,6 @@ class GpuBlockReader:
         px = px[:, : min(rows, L.height - y0), : L.width]
         if L.samples > 1:  # the bands of the plan, in its order
             px = px.index_select(0, self.bands)
-        # the pinned buffer may be reused once its copy is done: torch's pinned allocator waits for it
         return px.contiguous()
 
     def rows(self, y: int, h: int) -> torch.Tensor:
@@ -422,12 +485,12 @@ class GpuBlockReader:
 
 
 def gpu_window_batches(src, layout: BlockLayout, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
-                       size: int, device: torch.device, stream: torch.cuda.Stream | None, ahead: int = 2,
+                       size: int, device: torch.device, stream: torch.cuda.Stream | None, ahead: int = 3,
                        decoder: BlockDecoder | None = None) -> Iterator[RawBatch]:
     """Batches of ``tiles`` in scene order, decoded and cut on ``device`` (see the module docstring).
 
-    Runs in the producer thread; ``pool`` (the executor's reader pool) reads compressed groups
-    ``ahead`` groups in advance. Each batch carries an event recorded on ``stream`` once its pixels are
+    Runs in the producer thread; ``pool`` (the executor's reader pool) reads and inflates groups
+    ``ahead`` groups in advance; ``decoder``: inflate on the device instead (:class:`NvcompDecoder`). Each batch carries an event recorded on ``stream`` once its pixels are
     in place (None on the CPU)."""
     reader = GpuBlockReader(src, layout, device, pool, ahead, stream, decoder)
     ctx = torch.cuda.stream(stream) if stream is not None else nullcontext()
