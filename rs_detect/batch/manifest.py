@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 MANIFEST_VERSION = 1
 #: Config fields that change speed or placement but not the detections, left out of the config hash.
-RESULT_NEUTRAL_KEYS = frozenset({"read_threads", "prefetch", "batch_size", "device", "model"})
+RESULT_NEUTRAL_KEYS = frozenset({"read_threads", "prefetch", "reader", "batch_size", "device", "model"})
 PARTIAL_HASH_BYTES = 1 << 16
 
 
@@ -56,7 +56,7 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
 def config_digest(cfg: Config, model_path: Path) -> str:
     """Hash of the config fields that change results, plus the model YAML(s) that change its metadata.
 
-    Left out: read_threads, prefetch, batch_size, device (speed and placement) and the model's path (the
+    Left out: read_threads, prefetch, reader, batch_size, device (speed and placement) and the model's path (the
     model is identified by its sha256 instead, so moving it does not redo an archive).
     """
     from rs_detect.engines.metadata import sidecar_yaml
