@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import geopandas as gpd
 import numpy as np
-import pandas as pd
 import shapely
-from affine import Affine
-from pyproj import CRS as ProjCRS
-from rasterio.crs import CRS
 
 from rs_detect.errors import one_line
 from rs_detect.postprocess.geometry import obb_corners
 from rs_detect.types import Detections
+
+if TYPE_CHECKING:  # geopandas, pandas and pyproj are imported when the first frame is made (0.3-0.5 s of start-up)
+    import geopandas as gpd
+    from affine import Affine
+    from pyproj import CRS as ProjCRS
+    from rasterio.crs import CRS
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ def detections_frame(
     as the ``category`` column. ``size``: the scene's (width, height) in pixels; polygons and pixel boxes
     are clipped to it.
     """
+    import geopandas as gpd
+    import pandas as pd
+    from pyproj import CRS as ProjCRS
+
     corners = pixel_corners(dets)
     polys = clipped_polygons(corners, size) if len(corners) else np.zeros(0, dtype=object)
     if len(polys) and crs is not None and transform is not None:
@@ -119,6 +124,8 @@ def coordinates_label(crs: ProjCRS | None) -> Literal["pixel", "wgs84", "native"
     """What an output's coordinates are, from its CRS: the run metadata's ``coordinates``."""
     if crs is None:
         return "pixel"
+    from pyproj import CRS as ProjCRS
+
     return "wgs84" if crs.equals(ProjCRS.from_epsg(4326)) else "native"
 
 
@@ -126,6 +133,8 @@ def to_output_crs(gdf: gpd.GeoDataFrame, mode: Literal["wgs84", "native"], where
     """Reproject to WGS84 lon/lat (always_xy) unless ``native``; a CRS with no path to WGS84 stays native."""
     if mode == "native" or gdf.crs is None:
         return gdf
+    from pyproj import CRS as ProjCRS
+
     try:
         if gdf.crs.equals(ProjCRS.from_epsg(4326)):
             return gdf

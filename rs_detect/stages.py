@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import geopandas as gpd
 import torch
 
 from rs_detect.georef import detections_frame, to_output_crs
@@ -26,6 +25,9 @@ from rs_detect.postprocess.decode import DecodeParams, decode, is_end2end
 from rs_detect.postprocess.nms import nms_per_tile
 from rs_detect.postprocess.stitch import merge, reaching, suppress_nested, to_scene
 from rs_detect.types import Detections, ModelMeta, RunStats, ScaleInfo, Tile
+
+if TYPE_CHECKING:  # geopandas is imported by the first frame (rs_detect.georef)
+    import geopandas as gpd
 
 
 class Thresholds:

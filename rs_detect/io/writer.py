@@ -20,14 +20,16 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-
-import geopandas as gpd
-from pyproj import CRS as ProjCRS
+from typing import TYPE_CHECKING
 
 from rs_detect.errors import OutputError
 from rs_detect.fsutil import atomic_path
 from rs_detect.fsutil import atomic_write_text as write_text_atomic
 from rs_detect.style import qml_for, sidecar_path, sidecar_problem, write_gpkg_style
+
+if TYPE_CHECKING:  # a frame to write has brought geopandas and pyproj in already
+    import geopandas as gpd
+    from pyproj import CRS as ProjCRS
 
 FORMATS = {".geojson": "geojson", ".json": "geojson", ".gpkg": "gpkg", ".parquet": "parquet", ".geoparquet": "parquet"}
 EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "parquet": ".parquet"}
@@ -80,6 +82,8 @@ def write_detections(
     ``extra`` is called with the temporary file before the rename. ``style`` adds the QGIS style
     (GeoPackage: a ``layer_styles`` row; GeoJSON/GeoParquet: a sidecar ``.qml``).
     """
+    from pyproj import CRS as ProjCRS
+
     fmt = format_for(path)
     meta = {k: v for k, v in (metadata or {}).items()}
     if meta.get("coordinates") == "wgs84" and gdf.crs is not None and not gdf.crs.equals(ProjCRS.from_epsg(4326)):
