@@ -56,15 +56,18 @@ import sys
 import warnings
 from typing import Any
 
-import click
+from rs_detect.cli.startup import no_gc, settle
 
-from rs_detect import __version__
-from rs_detect.cli.batch import batch
-from rs_detect.cli.detect import detect
-from rs_detect.cli.evaluate import eval_cmd
-from rs_detect.cli.models import build_engine, export, inspect
-from rs_detect.cli.synth import synth
-from rs_detect.errors import one_line
+with no_gc():  # torch comes in here (through the options' config types)
+    import click
+
+    from rs_detect import __version__
+    from rs_detect.cli.batch import batch
+    from rs_detect.cli.detect import detect
+    from rs_detect.cli.evaluate import eval_cmd
+    from rs_detect.cli.models import build_engine, export, inspect
+    from rs_detect.cli.synth import synth
+    from rs_detect.errors import one_line
 
 
 class DefaultGroup(click.Group):
@@ -142,4 +145,5 @@ def main(argv: list[str] | None = None) -> Any:
     # The command is over and everything is written: a Ctrl-C now (while the interpreter tears down
     # torch and GDAL) has nothing left to stop, and must not turn a finished run into a killed one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settle()
     sys.exit(code if isinstance(code, int) else 0 if code is None else code)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from rs_detect.cli.options import build_config, scene_options
+from rs_detect.cli.startup import InBackground, no_gc
 from rs_detect.errors import RsDetectError, error_line
 from rs_detect.io.location import scene_path
 
@@ -43,32 +44,52 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
            classes: tuple[str, ...] | None, preview: str | None, dry_run: str | None, **flags: Any) -> None:
     """Detect planes and ships in SCENE (a GeoTIFF or any raster GDAL reads)."""
     try:
-        from rs_detect.engines import load_engine
-        from rs_detect.executor import SceneExecutor
-        from rs_detect.io.writer import default_output
-        from rs_detect.fsutil import file_sha256
-        from rs_detect.plan import resolve_plan
-        from rs_detect.preview import check_preview_writable, default_preview_path, render_result_preview
+        with no_gc():
+            from rs_detect.engines import load_engine
+            from rs_detect.engines.registry import import_loader
+            from rs_detect.executor import SceneExecutor
+            from rs_detect.fsutil import file_sha256
+            from rs_detect.io.writer import default_output
+            from rs_detect.plan import resolve_plan
 
         cfg = build_config(config_path, classes, model=str(model) if model else None, **flags)
         out = output or default_output(scene)
         if not scene.exists():
             raise RsDetectError(f"{scene}: no such file")
-        preview_path = None if preview is None else Path(preview) if preview else default_preview_path(out)
-        if preview_path is not None and dry_run is None:
-            check_preview_writable(preview_path)
+        preview_path = None
+        if preview is not None:
+            from rs_detect.preview import check_preview_writable, default_preview_path
+
+            preview_path = Path(preview) if preview else default_preview_path(out)
+            if dry_run is None:
+                check_preview_writable(preview_path)
         model_path = cfg.model_path()
         model_yaml = Path(cfg.model_meta) if isinstance(cfg.model_meta, str) else cfg.model_meta
-        engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
-        plan = resolve_plan(cfg, engine, model_path, file_sha256(model_path) if model_path.is_file() else None)
+        with no_gc():
+            loader = import_loader(model_path)  # here, not in the loading thread
+
+        def prepare() -> tuple[Any, Any]:
+            """Load the engine, resolve the plan and (for a run) warm the engine up: its own thread."""
+            engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
+            plan = resolve_plan(cfg, engine, model_path, file_sha256(model_path) if model_path.is_file() else None)
+            return plan, None if dry_run is not None else SceneExecutor(plan, engine)
+
+        # the engine loads (and, on a GPU, initialises CUDA and captures its graph) while this thread
+        # imports what georeferences and writes the detections, which the scene needs only at its end
+        loading = InBackground(prepare, name="rs-load", thread=loader.loads_in_any_thread)
+        if dry_run is None:
+            with no_gc():
+                import_output_modules(preview_path is not None)
+        plan, executor = loading.result()
         if dry_run is not None:
             click.echo(plan.dumps(dry_run).rstrip())
             return
-        executor = SceneExecutor(plan, engine)
         result = executor.run(scene, out, progress=not quiet and sys.stderr.isatty())
         if not quiet:
             click.echo(result.summary())
         if preview_path is not None:  # after the detections are safely written: a failure here loses nothing
+            from rs_detect.preview import render_result_preview
+
             shown = render_result_preview(result, preview_path)
             if not quiet:
                 click.echo(f"preview -> {shown.path} ({shown.seconds:.1f} s)")
@@ -76,3 +97,15 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
         fail(exc)
     except KeyboardInterrupt:
         interrupted(scene)
+
+
+def import_output_modules(preview: bool) -> None:
+    """The modules that turn detections into a written file (geopandas, pandas, pyproj, pyogrio), which
+    :mod:`rs_detect.georef` and :mod:`rs_detect.io.writer` import only when first used; with
+    ``preview``, the preview's too."""
+    import geopandas  # noqa: F401
+    import pyogrio  # noqa: F401
+    import pyproj  # noqa: F401
+
+    if preview:
+        import rs_detect.preview  # noqa: F401

@@ -37,6 +37,9 @@ class Backend:
     format: str
     suffixes: tuple[str, ...]
     exports: bool = False  # ``rs-detect export --format <format>`` writes this format
+    #: an engine it loads may run in another thread than the one that loaded it (TensorRT's pycuda
+    #: fallback makes its CUDA context current in the loading thread alone)
+    loads_in_any_thread: bool = True
 
     def impl(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -44,7 +47,7 @@ class Backend:
 
 BACKENDS: tuple[Backend, ...] = (
     Backend("onnxruntime", "rs_detect.engines.onnxruntime", "onnx", (".onnx",), exports=True),
-    Backend("tensorrt", "rs_detect.engines.tensorrt", "tensorrt", (".engine", ".plan")),
+    Backend("tensorrt", "rs_detect.engines.tensorrt", "tensorrt", (".engine", ".plan"), loads_in_any_thread=False),
     Backend("torch", "rs_detect.engines.torch", "torchscript", (".torchscript", ".ts", ".pt"), exports=True),
 )
 
@@ -75,6 +78,16 @@ def _existing(path: Path) -> tuple[Path, Backend]:
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     return path, b
+
+
+def import_loader(path: Path) -> Backend:
+    """Import the modules of rs-detect's own that :func:`load_engine` needs for ``path`` (its backend's,
+    the checkpoint check's), so that a thread loading it imports none of them; the backend, or a
+    :class:`ModelError` for an unknown suffix, as :func:`load_engine` would raise."""
+    importlib.import_module("rs_detect.engines.ultralytics")
+    b = backend(path)
+    b.impl()
+    return b
 
 
 def load_engine(path: Path, device: str = "cpu", model_yaml: Mapping[str, Any] | Path | None = None, **kwargs: Any) -> Engine:
