@@ -1,0 +1,185 @@
+"""Start-up: the CPU path imports nothing it does not use, and what replaced an import gives the same answers.
+
+* NMS: :func:`rs_detect.postprocess.nms.batched_nms` runs torchvision's compiled NMS op without the
+  torchvision package (whose import brings torch._dynamo and sympy): identical to
+  ``torchvision.ops.batched_nms``, including where torchvision switches strategy.
+* The ``rs-detect`` command on the ONNX Runtime CPU path, run in a fresh process, never imports
+  torchvision, torch._dynamo, sympy, onnx, ultralytics, matplotlib or TensorRT.
+* GDAL's messages are routed in pyogrio's GDAL copy without importing pyogrio (and so pandas).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from rs_detect.cli.startup import InBackground, no_gc
+from rs_detect.postprocess import nms as rs_nms
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "sample_data" / "demo_scene.tif"
+
+#: imported by none of the ONNX Runtime CPU path's stages (checked on a whole run of the command)
+NOT_ON_CPU_PATH = ("torchvision", "torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes", "onnx", "ultralytics",
+                   "matplotlib", "tensorrt", "pycuda", "distributed", "PIL")
+
+
+def child(code: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env_path = str(ROOT)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**__import__("os").environ, "PYTHONPATH": env_path})
+
+
+# -- NMS ------------------------------------------------------------------------------------------------
+
+
+def random_boxes(rng: np.random.Generator, n: int, groups: int, extent: float = 200.0, size: float = 30.0,
+                 ties: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(1, size, (n, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + wh], 1).astype(np.float32))
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    if ties:  # a few distinct scores only: the order among equals must match too
+        scores = np.round(scores * 4) / 4
+    return boxes, torch.from_numpy(scores), torch.from_numpy(rng.integers(0, groups, n))
+
+
+@pytest.mark.parametrize("n,groups,ties", [(0, 1, False), (1, 1, False), (40, 1, False), (300, 5, False), (300, 40, True),
+                                           (999, 3, False), (1001, 3, False), (2500, 30, False), (2500, 7, True)])
+def test_batched_nms_is_torchvisions(n: int, groups: int, ties: bool) -> None:
+    import torchvision.ops
+
+    rng = np.random.default_rng(n * 31 + groups)
+    for iou in (0.3, 0.5, 0.7):
+        boxes, scores, idxs = random_boxes(rng, n, groups, ties=ties)
+        ours = rs_nms.batched_nms(boxes, scores, idxs, iou)
+        assert ours.dtype == torch.int64
+        assert torch.equal(ours, torchvision.ops.batched_nms(boxes, scores, idxs, iou))
+        assert torch.equal(rs_nms.nms(boxes, scores, iou), torchvision.ops.nms(boxes, scores, iou))
+
+
+def test_batched_nms_switches_strategy_where_torchvision_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One NMS per group above ``VANILLA_ABOVE`` coordinates, offset boxes at or below: as torchvision."""
+    import torchvision.ops.boxes as tv_boxes
+
+    per_group: list[int] = []
+    vanilla = tv_boxes._batched_nms_vanilla
+    monkeypatch.setattr(tv_boxes, "_batched_nms_vanilla", lambda *a: per_group.append(1) or vanilla(*a))
+    calls: list[int] = []
+    ours = rs_nms.nms
+    monkeypatch.setattr(rs_nms, "nms", lambda *a: calls.append(1) or ours(*a))
+    rng = np.random.default_rng(5)
+    limit = rs_nms.VANILLA_ABOVE["cpu"] // 4
+    for n, expect_vanilla in ((limit, False), (limit + 1, True)):
+        boxes, scores, idxs = random_boxes(rng, n, 3)
+        per_group.clear()
+        calls.clear()
+        tv_boxes.batched_nms(boxes, scores, idxs, 0.5)
+        rs_nms.batched_nms(boxes, scores, idxs, 0.5)
+        assert bool(per_group) == expect_vanilla, f"torchvision's strategy at {n} boxes"
+        assert len(calls) == (len(torch.unique(idxs)) if expect_vanilla else 1), f"ours at {n} boxes"
+
+
+def test_nms_op_loads_without_the_torchvision_package(tmp_path: Path) -> None:
+    res = child("""
+        import sys, torch
+        from rs_detect.postprocess.nms import batched_nms
+        b = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [0., 0., 10., 10.]])
+        keep = batched_nms(b, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 1]), 0.5)
+        print(keep.tolist(), sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'sympy') or m.startswith('torch._dynamo')))
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[0,", "2]", "[]"]
+
+
+# -- the command's imports ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1024 x 1024 of the bundled scene with planes and ships in it (the NMS runs on real candidates)."""
+    out = tmp_path_factory.mktemp("startup") / "crop.tif"
+    with rasterio.open(DEMO) as src:
+        win = Window(1800, 1700, 1024, 1024)
+        prof = src.profile | {"width": 1024, "height": 1024, "transform": src.window_transform(win)}
+        with rasterio.open(out, "w", **prof) as dst:
+            dst.write(src.read(window=win))
+    return out
+
+
+def test_cpu_run_imports_nothing_it_does_not_use(demo_crop: Path, tmp_path: Path) -> None:
+    out = tmp_path / "crop.geojson"
+    res = child(f"""
+        import atexit, json, sys
+        atexit.register(lambda: print("MODULES", json.dumps(sorted(sys.modules))))
+        sys.argv = ["rs-detect", {str(demo_crop)!r}, "-o", {str(out)!r}, "--device", "cpu"]
+        from rs_detect.cli import main
+        main()
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert " detections (" in res.stdout and out.is_file()
+    assert json.loads(out.read_text())["features"], "the crop has planes and ships: the NMS ran on them"
+    modules = set(json.loads(res.stdout.split("MODULES ", 1)[1]))
+    assert {"onnxruntime", "geopandas", "rs_detect.postprocess.nms"} <= modules  # what the run does use
+    loaded = sorted(m for m in modules if any(m == x or m.startswith(x + ".") for x in NOT_ON_CPU_PATH))
+    assert not loaded
+
+
+def test_gdal_messages_reach_pyogrios_gdal_without_importing_it(tmp_path: Path) -> None:
+    res = child("""
+        import sys
+        from rs_detect import gdal_messages
+        n = gdal_messages.route_to_logging()
+        routed = sorted(lib._name for lib in gdal_messages._installed)
+        bundled = gdal_messages._bundled_gdal("pyogrio")
+        before = "pyogrio" in sys.modules, "pandas" in sys.modules
+        import pyogrio
+        print(n, before, bundled and bundled[0] in routed, gdal_messages._gdal_libraries() == routed)
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    n, *rest = res.stdout.split(" ", 1)
+    assert int(n) >= 1
+    # pyogrio and pandas not imported to find the library; pyogrio, imported after, uses the copy routed
+    assert rest[0].strip() in ("(False, False) True True", "(False, False) [] True")
+
+
+# -- start-up helpers ----------------------------------------------------------------------------------
+
+
+def test_in_background_returns_and_raises_in_the_caller() -> None:
+    import threading
+
+    seen: list[str] = []
+    job = InBackground(lambda: seen.append(threading.current_thread().name) or 7, name="rs-test")
+    assert job.result() == 7 and seen == ["rs-test"]
+    inline = InBackground(lambda: threading.current_thread().name, name="rs-test", thread=False)
+    assert inline.result() == threading.current_thread().name
+
+    def boom() -> None:
+        raise ValueError("from the thread")
+
+    with pytest.raises(ValueError, match="from the thread"):
+        InBackground(boom, name="rs-test").result()
+
+
+def test_no_gc_restores_the_collector(tmp_path: Path) -> None:
+    import gc
+
+    assert gc.isenabled()
+    with no_gc():
+        assert not gc.isenabled()
+        with no_gc():
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    res = child("import gc, rs_detect.cli; print(gc.isenabled())", tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
