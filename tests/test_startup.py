@@ -22,6 +22,9 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from conftest import two_squares, write_tif
+from fake_tensorrt import mini_torchscript
+
 from rs_detect.cli.startup import InBackground, no_gc
 from rs_detect.postprocess import nms as rs_nms
 
@@ -31,6 +34,9 @@ DEMO = ROOT / "sample_data" / "demo_scene.tif"
 #: imported by none of the ONNX Runtime CPU path's stages (checked on a whole run of the command)
 NOT_ON_CPU_PATH = ("torchvision", "torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes", "onnx", "ultralytics",
                    "matplotlib", "tensorrt", "pycuda", "distributed", "PIL")
+#: nor by the TorchScript path, on the CPU or on CUDA (torch.distributed itself comes with ``import torch``)
+NOT_ON_TORCH_PATH = ("torchvision", "torch._dynamo", "sympy", "torch.fx.experimental.symbolic_shapes", "torch.distributed.fsdp",
+                     "torch._inductor", "onnxruntime", "onnx", "ultralytics", "matplotlib", "tensorrt", "pycuda", "distributed", "PIL")
 
 
 def child(code: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -116,22 +122,41 @@ def demo_crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_cpu_run_imports_nothing_it_does_not_use(demo_crop: Path, tmp_path: Path) -> None:
-    out = tmp_path / "crop.geojson"
+def run_modules(tmp_path: Path, *args: object) -> tuple[set[str], str]:
+    """``rs-detect ARGS`` in a fresh process: the modules it had imported at its exit, and its stdout."""
     res = child(f"""
         import atexit, json, sys
         atexit.register(lambda: print("MODULES", json.dumps(sorted(sys.modules))))
-        sys.argv = ["rs-detect", {str(demo_crop)!r}, "-o", {str(out)!r}, "--device", "cpu"]
+        sys.argv = ["rs-detect", *{[str(a) for a in args]!r}]
         from rs_detect.cli import main
         main()
     """, tmp_path)
     assert res.returncode == 0, res.stderr
-    assert " detections (" in res.stdout and out.is_file()
+    assert " detections (" in res.stdout, res.stdout
+    return set(json.loads(res.stdout.split("MODULES ", 1)[1])), res.stdout
+
+
+def among(modules: set[str], packages: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in packages))
+
+
+def test_cpu_run_imports_nothing_it_does_not_use(demo_crop: Path, tmp_path: Path) -> None:
+    out = tmp_path / "crop.geojson"
+    modules, _ = run_modules(tmp_path, demo_crop, "-o", out, "--device", "cpu")
     assert json.loads(out.read_text())["features"], "the crop has planes and ships: the NMS ran on them"
-    modules = set(json.loads(res.stdout.split("MODULES ", 1)[1]))
     assert {"onnxruntime", "geopandas", "rs_detect.postprocess.nms"} <= modules  # what the run does use
-    loaded = sorted(m for m in modules if any(m == x or m.startswith(x + ".") for x in NOT_ON_CPU_PATH))
-    assert not loaded
+    assert not among(modules, NOT_ON_CPU_PATH)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_torchscript_run_imports_nothing_it_does_not_use(device: str, tmp_path: Path) -> None:
+    """The PyTorch backend's path (``--model X.torchscript``): on CUDA the engine also captures its graph."""
+    model = mini_torchscript(tmp_path / "mini.torchscript")
+    scene = write_tif(tmp_path / "scene.tif", np.tile(two_squares(), (2, 2)))
+    modules, _ = run_modules(tmp_path, scene, "--model", model, "--device", device, "--overlap", 16, "-o", tmp_path / "out.gpkg")
+    assert "rs_detect.engines.torch" in modules and (tmp_path / "out.gpkg").is_file()
+    assert not among(modules, NOT_ON_TORCH_PATH)
 
 
 def test_gdal_messages_reach_pyogrios_gdal_without_importing_it(tmp_path: Path) -> None:
