@@ -58,6 +58,7 @@ from tqdm import tqdm
 from rs_detect import __version__
 from rs_detect.dtypes import torch_dtype
 from rs_detect.engines.base import Engine
+from rs_detect.gdal_messages import route_this_thread
 from rs_detect.georef import coordinates_label
 from rs_detect.io.location import scene_path
 from rs_detect.io.gpu_blocks import NvcompDecoder, gpu_read_plan, gpu_window_batches, inflater_name
@@ -188,7 +189,7 @@ class _Threads:
 
     def __init__(self, ex: ExecutionPlan) -> None:
         self.ex = ex
-        self.readers = ThreadPoolExecutor(ex.read_threads, thread_name_prefix="rs-read")
+        self.readers = ThreadPoolExecutor(ex.read_threads, thread_name_prefix="rs-read", initializer=route_this_thread)
         self.cutters = ThreadPoolExecutor(ex.cutter_threads, thread_name_prefix="rs-cut")
         self.post = ThreadPoolExecutor(1, thread_name_prefix="rs-post")
         self.producer: Producer[RawBatch | SkippedTile] | None = None

@@ -8,6 +8,14 @@ this process (rasterio's and pyogrio's wheels each bring one) that hands warning
 exceptions rasterio and pyogrio raise from them (rs-detect reports those with the file's name), and
 debug messages are dropped. rasterio's own handler, pushed while it opens a dataset, still comes
 first there. Where no GDAL library can be found this does nothing.
+
+GDAL calls its process-wide handler holding a mutex of its own, and this handler needs the GIL: a
+thread that calls GDAL while holding the GIL (rasterio does, e.g. for a dataset's mask flags) and
+meets a warning while another thread is inside the handler, waiting for the GIL, would deadlock both
+(seen on truncated TIFFs, whose every handle warns about its tags). So the threads that read call
+:func:`route_this_thread` first (the executor's reader pool does, and :func:`route_to_logging` for its
+own thread): their own handler, which GDAL calls without that mutex. The process-wide one is left for
+threads that never did (GDAL's own worker threads hold no GIL).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ _HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_char
 _installed: list[ctypes.CDLL] = []
 _seen: set[str] = set()
 _lock = threading.Lock()
+_threads = threading.local()  # .pushed: this thread's own handler is in place
+_pushed_by: list[int] = []  # the thread that called route_to_logging (its handler is popped at exit)
 
 
 def _handle(level: int, code: int, message: bytes | None) -> None:
@@ -96,14 +106,35 @@ def route_to_logging() -> int:
         except (OSError, AttributeError):
             continue
         _installed.append(lib)
+    route_this_thread()
+    if threading.get_ident() not in _pushed_by:
+        _pushed_by.append(threading.get_ident())
     return len(_installed)
+
+
+def route_this_thread() -> None:
+    """Give the calling thread its own GDAL handler (the same routing, without GDAL's global mutex: see
+    the module's note). A thread pool's ``initializer``; nothing where :func:`route_to_logging` has not
+    run in this process, and nothing the second time in a thread."""
+    if not _installed or getattr(_threads, "pushed", False):
+        return
+    for lib in _installed:
+        try:
+            lib.CPLPushErrorHandler.argtypes = [_HANDLER_TYPE]
+            lib.CPLPushErrorHandler(_CALLBACK)
+        except (OSError, AttributeError):
+            pass
+    _threads.pushed = True
 
 
 @atexit.register
 def _quiet_at_exit() -> None:
     """No Python callback once the interpreter is going away: GDAL's quiet handler instead."""
+    pop = getattr(_threads, "pushed", False) and threading.get_ident() in _pushed_by
     for lib in _installed:
         try:
+            if pop:  # this thread's own handler (pushed last by route_to_logging; rasterio pops its own)
+                lib.CPLPopErrorHandler()
             quiet = ctypes.cast(lib.CPLQuietErrorHandler, ctypes.c_void_p)
             lib.CPLSetErrorHandler.argtypes = [ctypes.c_void_p]
             lib.CPLSetErrorHandler(quiet)

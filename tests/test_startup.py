@@ -208,3 +208,42 @@ def test_no_gc_restores_the_collector(tmp_path: Path) -> None:
     assert gc.isenabled()
     res = child("import gc, rs_detect.cli; print(gc.isenabled())", tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
+
+
+def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path: Path) -> None:
+    """The executor's reader threads (and the thread that routes) get a GDAL handler of their own.
+
+    GDAL calls its process-wide handler under a global mutex; the Python handler needs the GIL, and a
+    thread calling GDAL while holding the GIL deadlocked against it (a truncated TIFF, whose every handle
+    warns, hung about one run in 20 of the fault-injection repro). Here the process-wide handler is made
+    GDAL's quiet one after routing: a warning raised in a thread still reaches the log only through that
+    thread's own handler, so each line below shows which threads have one.
+    """
+    res = child("""
+        import ctypes, logging, sys, threading
+        from rs_detect import gdal_messages
+        from rs_detect.executor import _Threads
+        from rs_detect.plan import ExecutionPlan
+
+        logging.basicConfig(stream=sys.stdout, format="%(message)s")
+        gdal_messages.route_to_logging()
+        rio = next(lib for lib in gdal_messages._installed if "rasterio" in lib._name)
+        rio.CPLSetErrorHandler.argtypes = [ctypes.c_void_p]
+        rio.CPLSetErrorHandler(ctypes.cast(rio.CPLQuietErrorHandler, ctypes.c_void_p))  # the global path: silent
+
+        def warn(text):
+            rio.CPLError(2, 1, b"%s", text.encode())
+
+        warn("from the routing thread")
+        t = threading.Thread(target=warn, args=("from a plain thread",)); t.start(); t.join()
+        ex = ExecutionPlan(read_threads=2, cutter_threads=1, read_ahead=1, handover=1, decode_ahead=1, pin_memory=False,
+                           gdal_cachemax_mb=None)
+        with _Threads(ex) as threads:
+            for f in [threads.readers.submit(warn, f"from reader {i}") for i in range(2)]:
+                f.result()
+            threads.cutters.submit(warn, "from a cutter").result()
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "GDAL: from the routing thread"
+    assert sorted(lines[1:]) == ["GDAL: from reader 0", "GDAL: from reader 1"]  # not the plain thread nor the cutter
