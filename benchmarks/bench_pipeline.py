@@ -341,6 +341,10 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     size, overlap = 1024, 192
+    if args.group_rows:  # an experiment: rows of blocks decoded per group (nvCOMP batch size, pinned buffer size)
+        import rs_detect.io.gpu_blocks as gb
+
+        gb.GROUP_ROWS = gb.HOST_GROUP_ROWS = args.group_rows
     rows = []
     for rep in range(args.repeat + 1):  # the first pass warms the page cache, the CUDA context and the allocator
         t_open = time.perf_counter()
@@ -380,7 +384,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         assert n == total, (n, total)
         item = src.dtype.itemsize
         row = {"scene": Path(args.scene).name, "reader": f"{args.reader}: " + (layout.codec if layout is not None else f"gdal ({why})"),
-               "dtype": str(src.dtype), "device": args.device, "threads": args.threads,
+               "dtype": str(src.dtype), "device": args.device, "threads": args.threads, "group_rows": args.group_rows or None,
                "batch": args.batch, "tiles": n, "seconds": round(dt, 3), "tiles_s": round(n / dt, 1),
                "scene_gbps": round(src.width * src.height * item / dt / 1e9, 2),
                "window_gbps": round(n * size * size * item / dt / 1e9, 2), "open_and_stretch_s": round(t_ready - t_open, 3),
@@ -513,6 +517,7 @@ def main() -> None:
     rd.add_argument("--prefetch", type=int, default=None)
     rd.add_argument("--repeat", type=int, default=3, help="measured passes after one warm-up pass")
     rd.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
+    rd.add_argument("--group-rows", type=int, default=0, help="pixel rows of a decode group (0: the reader's default)")
     mem = sub.add_parser("memory")
     mem.add_argument("--sizes", default="2048,16384")
     mem.add_argument("--out", type=Path, default=Path("/tmp/rs-mem"))

@@ -94,7 +94,10 @@ def main() -> int:
     bad = 0
     for f in files:
         for nvcomp in (False, True):
-            row = compare(f, nvcomp)
+            try:
+                row = compare(f, nvcomp)
+            except Exception as exc:  # noqa: BLE001 - reported, and counted as a failure
+                row = {"scene": f.name, "nvcomp": nvcomp, "gpu_path": True, "equal": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
             bad += row.get("gpu_path") and not row.get("equal")
             print(json.dumps(row), flush=True)
     return 1 if bad else 0

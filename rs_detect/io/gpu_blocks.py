@@ -251,30 +251,41 @@ class BlockDecoder(Protocol):
 
 
 class NvcompDecoder:
-    """nvCOMP's batched DEFLATE decompression on the given stream (one Codec per stream)."""
+    """nvCOMP's batched DEFLATE decompression on the given stream (one Codec per stream). Its scratch
+    memory comes from torch's caching allocator: a cudaMalloc of its own would synchronise the device,
+    the engine's stream included."""
 
     def __init__(self, device: torch.device, stream: torch.cuda.Stream) -> None:
         from nvidia import nvcomp
 
         self._nvcomp = nvcomp
+        self.device = device
+        nvcomp.set_device_allocator(self._allocate)
         self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
                                   device_id=device.index if device.index is not None else torch.cuda.current_device(),
                                   cuda_stream=stream.cuda_stream)
 
+    def _allocate(self, nbytes: int, stream: object) -> _TorchBuffer:
+        return _TorchBuffer(nbytes, self.device)
+
     def __call__(self, data: torch.Tensor, starts: np.ndarray, lens: np.ndarray, out: torch.Tensor) -> None:
         nv = self._nvcomp
-        srcs = nv.as_arrays([data[int(s) : int(s) + int(n)] for s, n in zip(starts, lens)])
-        if self.into_place:
-            try:
-                self.codec.decode(srcs, out=nv.as_arrays([out[i] for i in range(len(starts))]))
-                return
-            except (TypeError, ValueError):  # an nvCOMP that does not take outside buffers: copy its own out
-                self.into_place = False
-        res = self.codec.decode(srcs, data_type="|u1")
-        for i in range(len(starts)):
-            out[i].copy_(torch.from_dlpack(res[i]).reshape(-1)[: out.shape[1]])
+        n, size = out.shape
+        try:  # one buffer carved by an offset table (nvCOMP >= 5)
+            srcs = nv.as_arrays(data, [int(s) for s in starts], [int(x) for x in lens])
+            dst = nv.as_arrays(out.view(-1), [i * size for i in range(n)], [size] * n)
+        except TypeError:  # one array per block
+            srcs = nv.as_arrays([data[int(s) : int(s) + int(x)] for s, x in zip(starts, lens)])
+            dst = nv.as_arrays([out[i] for i in range(n)])
+        self.codec.decode(srcs, out=dst)
 
-    into_place = True  # decode straight into the caller's rows (nvCOMP >= 4.2 takes outside buffers)
+
+class _TorchBuffer:
+    """Device memory for nvCOMP from torch's caching allocator (freed with this object)."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.tensor = torch.empty(max(1, nbytes), dtype=torch.uint8, device=device)
+        self.ptr = self.tensor.data_ptr()
 
 
 def inflater_name() -> str:
