@@ -4,7 +4,7 @@
     python benchmarks/bench_startup.py sample_data/demo_scene.tif --runs 7
     # TorchScript on CUDA, plus the import profile of one more run
     python benchmarks/bench_startup.py scene.tif --model yolov8n.torchscript --device cuda \
-        --importtime imports.txt [--cprofile run.prof] [--json out.json] [-- --batch 16]
+        --importtime imports.txt [--cprofile run.prof] [--json out.json] [-- --batch-size 16]
 
 Each run is ``python -m rs_detect SCENE -o TMP/out_N.geojson [--model M] [--device D] [EXTRA]`` in a
 fresh process (the interpreter running this script, so the same venv), timed from the start of the
@@ -123,7 +123,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="More rs-detect options go after --, e.g. -- --batch-size 16 --overlap 128.")
     ap.add_argument("scene", type=Path)
     ap.add_argument("--model", type=Path, help="model file (default: rs-detect's own default, the bundled sample model)")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: rs-detect's own)")
@@ -133,8 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cprofile", metavar="FILE", help="one more run under cProfile; its stats to FILE (pstats format)")
     ap.add_argument("--json", metavar="FILE", help="the runs and the environment as JSON")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take [600]")
-    ap.add_argument("extra", nargs="*", help="more rs-detect options, after --")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after -- goes to rs-detect as it is
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
     args = ap.parse_args(argv)
+    args.extra = extra
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     if not args.scene.exists():

@@ -247,3 +247,30 @@ def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path:
     lines = res.stdout.splitlines()
     assert lines[0] == "GDAL: from the routing thread"
     assert sorted(lines[1:]) == ["GDAL: from reader 0", "GDAL: from reader 1"]  # not the plain thread nor the cutter
+
+
+# -- benchmarks/bench_startup.py ------------------------------------------------------------------------
+
+
+def test_bench_startup_runs_the_command_and_reads_its_summary(demo_crop: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_startup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    line = "demo.tif: 20 tiles read, 0 skipped (nodata), 36 detections (plane 15, ship 21) in 3.4 s -> o.geojson [read: GDAL]"
+    assert bench_startup.scene_seconds(f"info: x\n{line}\n") == 3.4
+    rows = bench_startup.parse_importtime("import time:       300 |       1200 | torch\nimport time:    10 |     2000 |   rs_detect.types\n")
+    assert rows == [(0.0012, 0.0003, 0, "torch"), (0.002, 1e-05, 1, "rs_detect.types")]
+
+    out, imports = tmp_path / "runs.json", tmp_path / "imports.txt"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_startup.py"), str(demo_crop), "--device", "cpu", "-n", "1",
+                          "--no-warmup-run", "--json", str(out), "--importtime", str(imports), "--", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    assert run["wall"] > run["scene"] > 0 and abs(run["outside"] - (run["wall"] - run["scene"])) < 1e-6
+    assert doc["command"][-2:] == ["--batch-size", "2"] and "med" in res.stdout
+    top = [ln for ln in imports.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(top) > 20 and top[1].split()[-1] == "rs_detect.cli"  # the header, then the largest import
