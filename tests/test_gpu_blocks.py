@@ -156,3 +156,25 @@ def test_a_block_that_does_not_inflate_names_file_and_block(tmp_path: Path) -> N
         tiles = iter_tiles(src.width, src.height, 256, 0, src.transform)
         with pytest.raises(InputError, match=r"s.tif: block 0,1 \(column, row\) does not inflate"):
             list(gpu_window_batches(src, layout, tiles, pool, 4, 256, torch.device("cpu"), None))
+
+
+def test_groups_in_flight_are_bounded_by_the_pinned_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 2048, 2048)))  # 8 x 8 blocks of 256: 1 MiB a row of blocks
+    monkeypatch.setattr(gpu_blocks, "GROUP_BYTES", 2 << 20)
+    monkeypatch.setattr(gpu_blocks, "PINNED_BYTES", 6 << 20)
+    seen = []
+    real = gpu_blocks.GpuBlockReader._request
+
+    def spy(self, upto: int) -> None:
+        real(self, upto)
+        seen.append(len(self._buffers))
+
+    monkeypatch.setattr(gpu_blocks.GpuBlockReader, "_request", spy)
+    with RasterSource(path) as src, ThreadPoolExecutor(8) as pool:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        reader = gpu_blocks.GpuBlockReader(src, layout, torch.device("cpu"), pool, None, None)
+        assert (reader.group_blocks, reader.ahead) == (2, 2)  # 2 MiB groups; 3 of them fit 6 MiB
+        reader.close()
+        tiles = iter_tiles(src.width, src.height, 512, 64, src.transform)
+        n = sum(b.size for b in gpu_window_batches(src, layout, tiles, pool, 4, 512, torch.device("cpu"), None))
+    assert n == 25 and seen and max(seen) <= 3

@@ -42,7 +42,9 @@ from rs_detect.types import RawBatch, Tile
 COMPRESSION = {1: "none", 8: "deflate", 32946: "deflate"}  # TIFF compression tag -> what this path decodes
 ALIGN = 8  # slot alignment of compressed blocks (nvCOMP needs 4)
 GROUP_ROWS = 2048  # pixel rows of a decode group: block rows decoded in one nvCOMP batch
-HOST_GROUP_ROWS = 1024  # pixel rows of a group inflated on the CPU (one pinned buffer, one copy to the device)
+HOST_GROUP_ROWS = 0  # pixel rows of a group inflated on the CPU (0: about GROUP_BYTES of pixels, whole block rows)
+GROUP_BYTES = 64 << 20  # a CPU-inflated group's pinned buffer: one copy to the device
+PINNED_BYTES = 320 << 20  # groups in flight at most (pinned host memory): bounded by the scene's width, not its area
 HOST_CHUNK = 16  # blocks a reader-pool job reads and inflates
 MAX_GAP = 1 << 20  # blocks further apart in the file than this start a new read
 IOV_MAX = 1000  # buffers per preadv (the system's limit is 1024)
@@ -265,6 +267,12 @@ class NvcompDecoder:
                                   device_id=device.index if device.index is not None else torch.cuda.current_device(),
                                   cuda_stream=stream.cuda_stream)
 
+    def close(self) -> None:
+        """Free the codec and its scratch memory now, while torch's allocator is alive (at interpreter
+        exit the order of teardown is not defined)."""
+        self.codec = None
+        self._nvcomp.set_device_allocator(None)
+
     def _allocate(self, nbytes: int, stream: object) -> _TorchBuffer:
         return _TorchBuffer(nbytes, self.device)
 
@@ -348,7 +356,7 @@ class GpuBlockReader:
     device in one copy); with ``decoder`` (e.g. :class:`NvcompDecoder`) on the device, from the
     compressed bytes. Uncompressed blocks are read into place."""
 
-    def __init__(self, src, layout: BlockLayout, device: torch.device, pool: ThreadPoolExecutor, ahead: int,
+    def __init__(self, src, layout: BlockLayout, device: torch.device, pool: ThreadPoolExecutor, ahead: int | None,
                  stream: torch.cuda.Stream | None, decoder: BlockDecoder | None = None) -> None:
         self.src, self.layout, self.device, self.pool = src, layout, device, pool
         self.stream = stream
@@ -356,10 +364,18 @@ class GpuBlockReader:
         rows, cols = layout.grid
         self.decoder = decoder if layout.compression == "deflate" else None
         self.host = layout.compression == "deflate" and decoder is None  # inflate in the reader pool
-        group_rows = HOST_GROUP_ROWS if self.host else GROUP_ROWS
-        self.group_blocks = max(1, group_rows // layout.tile_h)  # block rows per group
+        row_bytes = cols * layout.block_bytes  # one row of blocks, inflated
+        if self.host:
+            self.group_blocks = max(1, HOST_GROUP_ROWS // layout.tile_h if HOST_GROUP_ROWS else GROUP_BYTES // row_bytes)
+        else:
+            self.group_blocks = max(1, GROUP_ROWS // layout.tile_h)
+        self.group_blocks = min(self.group_blocks, rows)  # block rows per group
         self.group_rows = self.group_blocks * layout.tile_h
         self.groups = -(-rows // self.group_blocks)
+        if ahead is None:  # enough groups in flight to keep every reader thread busy, within the pinned budget
+            jobs = -(-self.group_blocks * cols // HOST_CHUNK) if self.host else 1
+            threads = getattr(pool, "_max_workers", 8)
+            ahead = min(max(2, -(-2 * threads // jobs)), max(1, PINNED_BYTES // (self.group_blocks * row_bytes) - 1))
         self.ahead = max(1, ahead)
         self.bands = torch.as_tensor([i - 1 for i in src.plan.indexes], dtype=torch.long, device=device)
         self._reads: dict[int, list[Future[tuple[torch.Tensor, np.ndarray, np.ndarray] | None]]] = {}
@@ -383,6 +399,11 @@ class GpuBlockReader:
         self._buffers.clear()
         self._decoded.clear()
         self.file.close()
+        close = getattr(self.decoder, "close", None)
+        if close is not None:
+            if self.stream is not None:
+                self.stream.synchronize()
+            close()
 
     def _span(self, g: int) -> tuple[int, int]:
         rows, _ = self.layout.grid
@@ -496,12 +517,12 @@ class GpuBlockReader:
 
 
 def gpu_window_batches(src, layout: BlockLayout, tiles: Iterable[Tile], pool: ThreadPoolExecutor, batch_size: int,
-                       size: int, device: torch.device, stream: torch.cuda.Stream | None, ahead: int = 3,
+                       size: int, device: torch.device, stream: torch.cuda.Stream | None, ahead: int | None = None,
                        decoder: BlockDecoder | None = None) -> Iterator[RawBatch]:
     """Batches of ``tiles`` in scene order, decoded and cut on ``device`` (see the module docstring).
 
     Runs in the producer thread; ``pool`` (the executor's reader pool) reads and inflates groups
-    ``ahead`` groups in advance; ``decoder``: inflate on the device instead (:class:`NvcompDecoder`). Each batch carries an event recorded on ``stream`` once its pixels are
+    ``ahead`` groups in advance (None: enough to keep the pool busy, within ``PINNED_BYTES``); ``decoder``: inflate on the device instead (:class:`NvcompDecoder`). Each batch carries an event recorded on ``stream`` once its pixels are
     in place (None on the CPU)."""
     reader = GpuBlockReader(src, layout, device, pool, ahead, stream, decoder)
     ctx = torch.cuda.stream(stream) if stream is not None else nullcontext()
