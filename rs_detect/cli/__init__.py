@@ -56,7 +56,7 @@ import sys
 import warnings
 from typing import Any
 
-from rs_detect.cli.startup import no_gc, settle
+from rs_detect.cli.startup import leave, no_gc
 
 with no_gc():  # torch comes in here (through the options' config types)
     import click
@@ -145,5 +145,4 @@ def main(argv: list[str] | None = None) -> Any:
     # The command is over and everything is written: a Ctrl-C now (while the interpreter tears down
     # torch and GDAL) has nothing left to stop, and must not turn a finished run into a killed one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    settle()
-    sys.exit(code if isinstance(code, int) else 0 if code is None else code)
+    leave(code)
