@@ -3,6 +3,7 @@ path's code, run here on the CPU with zlib for nvCOMP) give the same boxes and s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,27 @@ def test_demo_scene_same_detections_on_both_paths() -> None:
     blocks = run(engine, Config(reader="blocks"), DEMO)
     assert len(gdal.frame) > 10
     assert_same_detections(gdal, blocks)
+
+
+def test_cli_reader_flag_names_the_path_in_summary_and_metadata(tmp_path: Path, tiny_onnx: Path) -> None:
+    from click.testing import CliRunner
+
+    from rs_detect.cli import cli
+    from rs_detect.io.writer import read_metadata
+
+    img = np.full((150, 200), 20, dtype=np.uint8)
+    img[10:42, 20:52] = 250  # what the tiny model calls a plane
+    scene = write_tif(tmp_path / "scene.tif", img, predictor=2)
+    outs = {}
+    for reader in ("gdal", "blocks"):
+        out = tmp_path / f"{reader}.geojson"
+        res = CliRunner().invoke(cli, [str(scene), "--model", str(tiny_onnx), "--tile-size", "64", "--overlap", "16",
+                                       "--reader", reader, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        outs[reader] = (res.output, read_metadata(out), out.read_text())
+    assert "[read: GDAL]" in outs["gdal"][0] and "[read: blocks, deflate + predictor, " in outs["blocks"][0]
+    assert outs["gdal"][1]["reader"] == "GDAL" and outs["blocks"][1]["reader"].startswith("blocks, ")
+    features = [json.loads(t)["features"] for *_, t in outs.values()]
+    assert len(features[0]) >= 1 and features[0] == features[1]
+    bad = CliRunner().invoke(cli, [str(scene), "--model", str(tiny_onnx), "--reader", "fast"])
+    assert bad.exit_code == 2 and "'fast' is not one of" in bad.output

@@ -42,6 +42,9 @@ SCENE_OPTIONS = [
     click.option("--bands", callback=_csv(int, minimum=1), help="1-based band(s) to read, e.g. 1 or 3,2,1 (see README: band mapping)."),
     click.option("--device", help="cpu or cuda[:N] [default cpu]."),
     click.option("--crs", type=click.Choice(["wgs84", "native"]), help="Output coordinates [default wgs84: GeoJSON lon/lat]."),
+    click.option("--reader", type=click.Choice(["auto", "gdal", "blocks", "nvcomp"]),
+                 help="How scenes are read [default auto: on a GPU, tiled DEFLATE/uncompressed GeoTIFFs are inflated on the CPU "
+                      "and cut on the GPU, anything else through GDAL; see docs/how-it-works.md]. The same detections either way."),
 ]
 
 
