@@ -15,6 +15,10 @@ stops them all, in one order, on success, on error and on Ctrl-C. The flow of on
                      ahead; hands finished RawBatch / SkippedTile over through                    |
                      queue `handover` (maxsize plan.execution.handover)                           |
                                                    |                                              |
+    (block reader: rs-read jobs read and inflate groups of block rows into pinned buffers;          |
+     rs-batches uploads each group on the *read* stream and cuts the batch's windows there;      |
+     the cutter pool stays idle; io/gpu_blocks.py)                                                |
+                                                   |                                              |
     main thread      Normalizer.upload [upload stream] -> engine.infer_normalized [current stream] |
                      -> event `ready` recorded; decode job queued                                 |
                                                    |  at most `decode_ahead` batches in flight    |
@@ -22,9 +26,10 @@ stops them all, in one order, on success, on error and on Ctrl-C. The flow of on
                                                    |                                              |
     main thread      stitch_scene -> georeference -> write_detections (temporary name, rename) <--+
 
-CUDA (only when the engine runs on a GPU): two streams made here, once per executor. The *upload*
+CUDA (only when the engine runs on a GPU): three streams made here, once per executor. The *upload*
 stream copies batch N+1 from pinned memory while the engine's current stream still runs batch N;
-the current stream waits for the copy (``wait_stream``). After each inference the main thread
+the current stream waits for the copy (``wait_stream``). With the block reader, batches are made on
+the *read* stream instead and carry an event the current stream waits for (``RawBatch.ready``). After each inference the main thread
 records a blocking event ``ready`` on the current stream; the post thread sleeps on it, and decodes
 on the *decode* stream, which waits for that event only (never for the batches queued behind it).
 A backend may keep a stream of its runtime's own inside its engine (TensorRT's execution context);

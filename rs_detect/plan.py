@@ -82,7 +82,7 @@ class ExecutionPlan:
     decode_ahead: int  # batches inferred and still being decoded
     pin_memory: bool  # batches in pinned host memory (a CUDA device)
     gdal_cachemax_mb: int | None  # set for the run; None: the environment's GDAL_CACHEMAX stands
-    reader: str = "auto"  # auto | gdal | blocks (rs_detect.io.gpu_blocks.gpu_read_plan); chosen per scene
+    reader: str = "auto"  # auto | gdal | blocks | nvcomp (rs_detect.io.gpu_blocks.gpu_read_plan); chosen per scene
 
 
 @dataclass(frozen=True)

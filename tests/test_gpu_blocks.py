@@ -14,7 +14,7 @@ import torch
 from rasterio.enums import ColorInterp as CI
 
 from rs_detect.errors import InputError
-from rs_detect.io import gpu_blocks
+from rs_detect.io import gpu_blocks, tiff_blocks
 from rs_detect.io.gpu_blocks import BlockFile, InflateDecoder, block_layout, gpu_read_plan, gpu_window_batches
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
@@ -97,8 +97,8 @@ def test_uncompressed_and_rgb_pixel_interleaved(tmp_path: Path) -> None:
 
 def test_blocks_out_of_file_order_and_far_apart_are_read_right(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "s.tif", scene("uint16", (1, 800, 800), seed=3))
-    monkeypatch.setattr(gpu_blocks, "MAX_GAP", 16)  # every block its own read
-    monkeypatch.setattr(gpu_blocks, "IOV_MAX", 6)
+    monkeypatch.setattr(tiff_blocks, "MAX_GAP", 16)  # every block its own read
+    monkeypatch.setattr(tiff_blocks, "IOV_MAX", 6)
     assert_same(*both_paths(path))
 
 
