@@ -29,9 +29,10 @@ stops them all, in one order, on success, on error and on Ctrl-C. The flow of on
 CUDA (only when the engine runs on a GPU): three streams made here, once per executor. The *upload*
 stream copies batch N+1 from pinned memory while the engine's current stream still runs batch N;
 the current stream waits for the copy (``wait_stream``). With the block reader, batches are made on
-the *read* stream instead and carry an event the current stream waits for (``RawBatch.ready``). After each inference the main thread
-records a blocking event ``ready`` on the current stream; the post thread sleeps on it, and decodes
-on the *decode* stream, which waits for that event only (never for the batches queued behind it).
+the *read* stream instead and carry an event the current stream waits for (``RawBatch.ready``).
+After each inference the main thread records a blocking event ``ready`` on the current stream; the
+post thread sleeps on it, and decodes on the *decode* stream, which waits for that event only (never
+for the batches queued behind it).
 A backend may keep a stream of its runtime's own inside its engine (TensorRT's execution context);
 it orders itself against the current stream at both ends of ``infer``.
 
@@ -323,7 +324,7 @@ class SceneExecutor:
             where = "nvCOMP" if nvcomp else inflater_name() if layout.compression == "deflate" else "raw"
             stats.reader = f"blocks, {layout.codec}, {where}" + (", cut on the GPU" if self.engine.device.type == "cuda" else "")
         else:
-            if ex.reader == "blocks":
+            if ex.reader in ("blocks", "nvcomp"):
                 log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)
             batches = window_batches(src, tiles, threads.readers, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
                                      ex.read_threads, threads.cutters, stride=tiling.stride)
