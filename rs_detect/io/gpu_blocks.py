@@ -147,15 +147,16 @@ class GpuBlockReader:
         starts, lens = self.file.read(blocks, buf)
         inflate = self._inflate
         assert inflate is not None
+        cols = self.layout.grid[1]
         for i, (s, n) in enumerate(zip(starts, lens)):
+            k = (blocks.start or 0) + i
             try:
                 block = inflate(memoryview(buf)[int(s) : int(s) + int(n)])
             except Exception as exc:  # noqa: BLE001 - a corrupt stream: named with its block
-                k = (blocks.start or 0) + i
-                cols = self.layout.grid[1]
                 raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) does not inflate ({exc})") from None
             if len(block) != out.shape[1]:
-                raise InputError(f"{self.layout.path}: block {i} of a group inflates to {len(block)} bytes, not {out.shape[1]}")
+                raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) inflates to {len(block)} bytes, "
+                                 f"not {out.shape[1]}")
             out[i] = np.frombuffer(block, dtype=np.uint8)
 
     def _request(self, upto: int) -> None:
@@ -248,8 +249,9 @@ def gpu_window_batches(src, layout: BlockLayout, tiles: Iterable[Tile], pool: Th
     """Batches of ``tiles`` in scene order, decoded and cut on ``device`` (see the module docstring).
 
     Runs in the producer thread; ``pool`` (the executor's reader pool) reads and inflates groups
-    ``ahead`` groups in advance (None: enough to keep the pool busy, within ``PINNED_BYTES``); ``decoder``: inflate on the device instead (:class:`NvcompDecoder`). Each batch carries an event recorded on ``stream`` once its pixels are
-    in place (None on the CPU)."""
+    ``ahead`` groups in advance (None: enough to keep the pool busy, within ``PINNED_BYTES``).
+    ``decoder``: inflate on the device instead (:class:`NvcompDecoder`). Each batch carries an event
+    recorded on ``stream`` once its pixels are in place (None on the CPU)."""
     reader = GpuBlockReader(src, layout, device, pool, ahead, stream, decoder)
     ctx = torch.cuda.stream(stream) if stream is not None else nullcontext()
     try:
