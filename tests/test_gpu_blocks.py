@@ -128,14 +128,21 @@ def test_float_nodata_and_cpu_device_keep_the_cpu_path(tmp_path: Path) -> None:
         assert gpu_read_plan(c, torch.device("cuda"), "gdal")[1] == "GDAL reading asked for"
 
 
-def test_a_corrupt_block_is_a_one_line_input_error(tmp_path: Path) -> None:
-    path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 512)))
+def damaged(path: Path, block: tuple[int, int], at: int, data: bytes):
+    """``path``'s layout, after ``data`` is written at byte ``at`` of block (row, column)."""
     with RasterSource(path) as src:
         layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
     assert not isinstance(layout, str)
     raw = bytearray(path.read_bytes())
-    raw[int(layout.offsets[0, 1])] = 0x00  # the zlib header of block (0, 1)
+    o = int(layout.offsets[block]) + at
+    raw[o : o + len(data)] = data
     path.write_bytes(bytes(raw))
+    return layout
+
+
+def test_a_corrupt_block_is_a_one_line_input_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 512)))
+    layout = damaged(path, (0, 1), 0, b"\x00")  # the zlib header of block (0, 1)
     f = BlockFile(layout)
     buf = np.empty(f.size(slice(0, 2)), np.uint8)
     with pytest.raises(InputError, match=r"s.tif: block 1,0 \(column, row\) is not zlib data"):
@@ -145,13 +152,7 @@ def test_a_corrupt_block_is_a_one_line_input_error(tmp_path: Path) -> None:
 
 def test_a_block_that_does_not_inflate_names_file_and_block(tmp_path: Path) -> None:
     path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 512)))
-    with RasterSource(path) as src:
-        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
-    assert not isinstance(layout, str)
-    raw = bytearray(path.read_bytes())
-    o = int(layout.offsets[1, 0])
-    raw[o + 2 : o + 40] = b"\xff" * 38  # a valid zlib header, then no DEFLATE stream
-    path.write_bytes(bytes(raw))
+    layout = damaged(path, (1, 0), 2, b"\xff" * 38)  # a valid zlib header, then no DEFLATE stream
     with RasterSource(path) as src, ThreadPoolExecutor(2) as pool:
         tiles = iter_tiles(src.width, src.height, 256, 0, src.transform)
         with pytest.raises(InputError, match=r"s.tif: block 0,1 \(column, row\) does not inflate"):
