@@ -331,8 +331,8 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     from rs_detect.config import auto_prefetch, cutter_threads
-    from rs_detect.io.gpu_blocks import gpu_read_plan, gpu_window_batches
-    from rs_detect.io.prefetch import reset_slab_peak, slab_memory, window_batches
+    from rs_detect.io.gpu_blocks import scene_batches
+    from rs_detect.io.prefetch import reset_slab_peak, slab_memory
     from rs_detect.io.reader import RasterSource
     from rs_detect.io.tiling import iter_tiles, tile_count
     from rs_detect.preprocess import Normalizer
@@ -356,19 +356,12 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         stream = torch.cuda.Stream(device=dev) if cuda else None
         norm = Normalizer(src, dev, torch.float16 if cuda else torch.float32, 0.0, scale=scale, upload_stream=stream)
         tiles = iter_tiles(src.width, src.height, size, overlap, src.transform)
-        layout, why = gpu_read_plan(src, dev, args.reader)
         read_stream = torch.cuda.Stream(device=dev) if cuda else None
         n = 0
         reset_slab_peak()
         t0 = time.perf_counter()
-        if layout is not None:
-            from rs_detect.io.gpu_blocks import NvcompDecoder
-
-            decoder = NvcompDecoder(dev, read_stream) if args.reader == "nvcomp" and read_stream is not None and layout.compression == "deflate" else None
-            batches = gpu_window_batches(src, layout, tiles, readers, args.batch, size, dev, read_stream, decoder=decoder)
-        else:
-            batches = window_batches(src, tiles, readers, args.batch, size, cuda, args.prefetch or auto_prefetch(args.device, args.batch),
-                                     args.threads, cutters, stride=size - overlap)
+        batches, reader = scene_batches(src, tiles, args.reader, dev, read_stream, readers, cutters, args.batch, size, cuda,
+                                        args.prefetch or auto_prefetch(args.device, args.batch), args.threads, size - overlap)
         for item in batches:
             if isinstance(item, SkippedTile):
                 n += 1
@@ -383,7 +376,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         total = tile_count(src.width, src.height, size, overlap)
         assert n == total, (n, total)
         item = src.dtype.itemsize
-        row = {"scene": Path(args.scene).name, "reader": f"{args.reader}: " + (layout.codec if layout is not None else f"gdal ({why})"),
+        row = {"scene": Path(args.scene).name, "reader": f"{args.reader}: {reader}",
                "dtype": str(src.dtype), "device": args.device, "threads": args.threads, "group_rows": args.group_rows or None,
                "batch": args.batch, "tiles": n, "seconds": round(dt, 3), "tiles_s": round(n / dt, 1),
                "scene_gbps": round(src.width * src.height * item / dt / 1e9, 2),

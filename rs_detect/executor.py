@@ -46,7 +46,6 @@ does :meth:`SceneExecutor.run` close the dataset: no thread reads a dataset that
 
 from __future__ import annotations
 
-import logging
 import queue
 import sys
 import threading
@@ -67,8 +66,7 @@ from rs_detect.engines.base import Engine
 from rs_detect.gdal_messages import route_this_thread
 from rs_detect.georef import coordinates_label
 from rs_detect.io.location import scene_path
-from rs_detect.io.gpu_blocks import NvcompDecoder, gpu_read_plan, gpu_window_batches, inflater_name
-from rs_detect.io.prefetch import window_batches
+from rs_detect.io.gpu_blocks import scene_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles, tile_count
 from rs_detect.io.writer import check_writable, write_detections
@@ -78,7 +76,6 @@ from rs_detect.preprocess import Normalizer
 from rs_detect.stages import SceneResult, Thresholds, TileDecoder, georeference, stitch_scene
 from rs_detect.types import Detections, RawBatch, RunStats, ScaleInfo, SkippedTile, Tile
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
 
@@ -314,21 +311,9 @@ class SceneExecutor:
         scale_job = measure_scale(src, threads.readers)  # queued ahead of any tile
         stats.tiles_total = tile_count(src.width, src.height, tiling.tile_size, tiling.overlap)
         tiles = iter_tiles(src.width, src.height, tiling.tile_size, tiling.overlap, src.transform)
-        layout, why = gpu_read_plan(src, self.engine.device, ex.reader)
-        batches: Iterable[RawBatch | SkippedTile]
-        if layout is not None:
-            nvcomp = ex.reader == "nvcomp" and layout.compression == "deflate" and self._read_stream is not None
-            decoder = NvcompDecoder(self.engine.device, self._read_stream) if nvcomp else None  # type: ignore[arg-type]
-            batches = gpu_window_batches(src, layout, tiles, threads.readers, eng.batch_size, eng.imgsz, self.engine.device,
-                                         self._read_stream, decoder=decoder)
-            where = "nvCOMP" if nvcomp else inflater_name() if layout.compression == "deflate" else "raw"
-            stats.reader = f"blocks, {layout.codec}, {where}" + (", cut on the GPU" if self.engine.device.type == "cuda" else "")
-        else:
-            if ex.reader in ("blocks", "nvcomp"):
-                log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)
-            batches = window_batches(src, tiles, threads.readers, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
-                                     ex.read_threads, threads.cutters, stride=tiling.stride)
-            stats.reader = f"GDAL ({why})" if self.engine.device.type == "cuda" else "GDAL"
+        batches, stats.reader = scene_batches(src, tiles, ex.reader, self.engine.device, self._read_stream, threads.readers,
+                                              threads.cutters, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
+                                              ex.read_threads, tiling.stride)
         norm: Normalizer | None = None
         parts: list[Detections] = []
         bar = tqdm(total=stats.tiles_total, unit="tile", desc=src.name, disable=not progress,

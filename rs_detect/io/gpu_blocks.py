@@ -25,6 +25,7 @@ code on the CPU (``--reader blocks`` does too).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -36,10 +37,13 @@ from rs_detect.dtypes import torch_dtype
 from rs_detect.errors import InputError
 from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockLayout, InflateDecoder, NvcompDecoder, block_layout,
                                       host_inflater, inflater_name, nvcomp_available, undo_predictor)
-from rs_detect.types import RawBatch, Tile
+from rs_detect.io.prefetch import window_batches
+from rs_detect.types import RawBatch, SkippedTile, Tile
 
 __all__ = ["BlockFile", "BlockLayout", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "block_layout", "gpu_read_plan",
-           "gpu_window_batches", "inflater_name"]
+           "gpu_window_batches", "inflater_name", "scene_batches"]
+
+log = logging.getLogger(__name__)
 
 GROUP_ROWS = 2048  # pixel rows of a group inflated by nvCOMP (one batch)
 HOST_GROUP_ROWS = 0  # pixel rows of a group inflated on the CPU (0: about GROUP_BYTES of pixels, whole block rows)
@@ -277,3 +281,23 @@ def _batch(reader: GpuBlockReader, group: list[Tile], size: int, stream: torch.c
             ready.record(stream)
     return RawBatch(data, valid, tuple(group), ready=ready)
 
+
+def scene_batches(src, tiles: Iterable[Tile], mode: str, device: torch.device, read_stream: torch.cuda.Stream | None,
+                  readers: ThreadPoolExecutor, cutters: ThreadPoolExecutor, batch_size: int, size: int, pin: bool,
+                  read_ahead: int, read_threads: int, stride: int) -> tuple[Iterator[RawBatch | SkippedTile], str]:
+    """The scene's batches by the reading path ``mode`` picks for it (:func:`gpu_read_plan`), and that
+    path in words for the summary line and the metadata (e.g. "blocks, deflate, libdeflate, cut on
+    the GPU", "GDAL (striped, not tiled)"). ``read_stream``: the block reader's CUDA stream (None on
+    the CPU); the rest are :func:`~rs_detect.io.prefetch.window_batches`' settings."""
+    layout, why = gpu_read_plan(src, device, mode)
+    cuda = device.type == "cuda"
+    if layout is None:
+        if mode in ("blocks", "nvcomp"):
+            log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)
+        batches = window_batches(src, tiles, readers, batch_size, size, pin, read_ahead, read_threads, cutters, stride=stride)
+        return batches, f"GDAL ({why})" if cuda else "GDAL"
+    nvcomp = mode == "nvcomp" and layout.compression == "deflate" and read_stream is not None
+    decoder = NvcompDecoder(device, read_stream) if nvcomp else None  # type: ignore[arg-type]
+    where = "nvCOMP" if nvcomp else inflater_name() if layout.compression == "deflate" else "raw"
+    label = f"blocks, {layout.codec}, {where}" + (", cut on the GPU" if cuda else "")
+    return gpu_window_batches(src, layout, tiles, readers, batch_size, size, device, read_stream, decoder=decoder), label
