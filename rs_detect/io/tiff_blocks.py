@@ -244,24 +244,26 @@ class _TorchBuffer:
         self.ptr = self.tensor.data_ptr()
 
 
-def inflater_name() -> str:
+def _libdeflate():  # the ``deflate`` package, or None
     try:
-        import deflate  # noqa: F401
-
-        return "libdeflate"
+        import deflate
     except ImportError:
-        return "zlib"
+        return None
+    return deflate
+
+
+def inflater_name() -> str:
+    """What :func:`host_inflater` inflates with."""
+    return "zlib" if _libdeflate() is None else "libdeflate"
 
 
 def host_inflater(size: int):
     """Raw DEFLATE -> bytes of ``size``, on the CPU, the GIL released while it inflates: libdeflate
     (the ``deflate`` package) where installed, about 2.5 times zlib's speed on the H100 host; else zlib."""
-    try:
-        import deflate
-
-        return lambda data: deflate.deflate_decompress(data, size)
-    except ImportError:
+    deflate = _libdeflate()
+    if deflate is None:
         return lambda data: zlib.decompress(data, wbits=-15, bufsize=size)
+    return lambda data: deflate.deflate_decompress(data, size)
 
 
 class InflateDecoder:
