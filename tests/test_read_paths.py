@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import SAMPLE_MODEL, Config
@@ -42,7 +41,6 @@ def test_uint16_scene_same_detections_on_both_paths(tmp_path: Path) -> None:
     assert blocks.metadata["reader"] == blocks.stats.reader
 
 
-@pytest.mark.skipif(not DEMO.exists() or not SAMPLE_MODEL.exists(), reason="the bundled demo scene and model are part of the repository")
 def test_demo_scene_same_detections_on_both_paths() -> None:
     engine = load_engine(SAMPLE_MODEL, device="cpu")
     gdal = run(engine, Config(reader="gdal"), DEMO)
