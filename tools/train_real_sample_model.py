@@ -297,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, deterministic=False, pretrained=True, warmup_epochs=0.0, amp="bf16" if args.device != "cpu" else False,
         cache=args.cache if args.cache != "none" else False, plots=False, val=False, patience=10_000,
         flipud=0.5, fliplr=0.5, degrees=0.0, scale=args.scale, mosaic=1.0, close_mosaic=args.close_mosaic,
-        fraction=args.fraction, project=str((args.out / "runs").resolve()), name="detect", exist_ok=True, verbose=True, **extra,
+        fraction=args.fraction, optimizer=args.optimizer, lr0=args.lr0, project=str((args.out / "runs").resolve()), name="detect", exist_ok=True, verbose=True, **extra,
     )
     train_s = time.perf_counter() - t
     last = Path(model.trainer.last)
@@ -458,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--cache", choices=("ram", "disk", "none"), default="ram")
     a.add_argument("--imgsz", type=int, default=TILE, help="training size (a smoke test may use less; export is always 1024)")
     a.add_argument("--fraction", type=float, default=1.0, help="share of the training images used (smoke tests)")
+    a.add_argument("--optimizer", default="auto", help="Ultralytics' optimizer (auto: AdamW at about 5e-4 for short runs)")
+    a.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (ignored by optimizer auto)")
     a.set_defaults(func=cmd_train)
     a = sub.add_parser("evaluate")
     a.add_argument("--model", type=Path, required=True)
