@@ -4,10 +4,10 @@ Issue 3's targets, asserted as they are: precision and recall >= 0.95 for plane 
 for the HBB model (boxes) and the OBB model (rotated polygons), on a uint8 scene and on a uint16 scene
 of another dynamic range, with the shipped thresholds, objects on tile edges included (recall on them
 too) and no object reported twice. A case where a shipped model misses the target goes into
-KNOWN_MISSES as a strict expected failure, with what was measured (none now). The models and their
-thresholds were chosen on other scenes (seeds 1001, 8, 31, 32, 2025, 2027-2030 and 3001-3010; README
-"Sample model") by a rule that reads those scenes alone; the seeds here (2024, 2026) were fixed before
-any model was scored on them.
+KNOWN_MISSES as a strict expected failure, with what was measured. The models and their
+thresholds were chosen on other scenes (seeds 1001, 8, 31, 32, 2025, 2027-2030 and 3001-3010, and for
+the HBB model also the real validation sets of tools/train_real_sample_model.py; sample_data/MODEL_CARD.md)
+by a rule that reads those alone; the seeds here (2024, 2026) were fixed before any model was scored on them.
 """
 
 from __future__ import annotations
@@ -67,9 +67,14 @@ def detections(scenes: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.Te
 
 # Measured misses of issue 3's target on these scenes (README, "Sample model"): strict, so a model that
 # meets the target turns them into failures that ask for this list to be emptied.
-KNOWN_MISSES: dict[tuple[str, str, str], str] = {}  # (task, dtype, class) -> what was measured
+# The HBB model trained on real planes and ships too (issue 19) calls 3 dark plane-like crosses "plane"
+# and a road marking and a thin line "ship" on the uint8 scene; its thresholds were chosen on other scenes.
+KNOWN_MISSES: dict[tuple[str, str, str], str] = {  # (task, dtype, class) -> what was measured
+    ("hbb", "uint8", "plane"): "precision 0.932 (41 TP, 3 FP: plane-like dark crosses), recall 1.000, edge recall 1.000",
+    ("hbb", "uint8", "ship"): "precision 0.927 (38 TP, 3 FP), recall 0.950, edge recall 0.929 (13 of 14)",
+}
 CASES = [
-    pytest.param(t, d, c, marks=[pytest.mark.xfail(strict=True, reason=f"issue 3 open: {KNOWN_MISSES[t, d, c]}")] if (t, d, c) in KNOWN_MISSES else [])
+    pytest.param(t, d, c, marks=[pytest.mark.xfail(strict=True, reason=f"target missed: {KNOWN_MISSES[t, d, c]}")] if (t, d, c) in KNOWN_MISSES else [])
     for t in ("hbb", "obb") for d in ("uint8", "uint16") for c in ("plane", "ship")
 ]
 

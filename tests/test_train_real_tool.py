@@ -145,6 +145,54 @@ def test_thresholds_are_chosen_on_validation_sets_only() -> None:
     assert got["ship"]["conf"] == 0.4 and got["ship"]["test"] is None  # a tie goes to the higher threshold
 
 
+def _sweep(candidate: str, cls: str, pre: dict[float, tuple[int, int, int, int]]) -> list[dict]:
+    """Synthetic sweep rows of one scene: conf -> (tp, fp, fn, edge_tp of 10)."""
+    return [{"candidate": candidate, "task": "hbb", "seed": 1, "dtype": "uint8", "conf": c, "class_name": cls, "tp": tp, "fp": fp,
+             "fn": fn, "edge_truth": 10, "edge_tp": e, "duplicates": 0} for c, (tp, fp, fn, e) in pre.items()]
+
+
+def test_shipped_thresholds_keep_the_synthetic_target_and_are_best_on_the_real_validation_sets() -> None:
+    def rows(pr: dict[float, tuple[float, float]]) -> list[dict]:
+        return [{"conf": c, "P0.5": p, "R0.5": r} for c, (p, r) in pr.items()]
+
+    real = {
+        # best on real validation at 0.3, but there the synthetic precision is 0.9: not allowed
+        "airport_valid": rows({0.3: (0.85, 0.85), 0.4: (0.82, 0.81), 0.5: (0.86, 0.78)}),
+        "airport_test": rows({0.3: (0.1, 0.1), 0.4: (0.77, 0.80), 0.5: (0.99, 0.99)}),  # never read to choose
+        "cities_val": rows({0.3: (0.2, 0.2), 0.4: (0.1, 0.1), 0.5: (0.1, 0.1)}),
+    }
+    sweeps = (_sweep("a", "plane", {0.3: (90, 10, 0, 10), 0.4: (97, 3, 3, 10), 0.5: (96, 1, 4, 10)})
+              + _sweep("a", "ship", {0.3: (90, 10, 0, 10), 0.4: (96, 2, 4, 9), 0.5: (96, 1, 4, 10)})  # 0.4: edge 0.9
+              + _sweep("b", "plane", {0.3: (99, 1, 1, 10)}) + _sweep("b", "ship", {0.3: (80, 20, 20, 10)}))
+    got = trm.thresholds(real, sweeps, "a")
+    assert got["plane"]["conf"] == 0.4 and got["plane"]["synthetic_target"] and got["plane"]["test"]["R0.5"] == 0.80
+    assert got["ship"]["conf"] == 0.5  # 0.3 and 0.4 miss the synthetic target; 0.5 alone keeps it
+    b = trm.thresholds(real, sweeps, "b")
+    assert b["ship"]["conf"] == 0.3 and not b["ship"]["synthetic_target"]  # none keeps it: said so
+    assert trm.pick({"a": got, "b": b}) == "b"  # mean of the validation min(P, R): (0.85 + 0.2) / 2 against (0.81 + 0.1) / 2
+    with pytest.raises(SystemExit, match="no synthetic sweep rows"):
+        trm.thresholds(real, sweeps, "c")
+
+
+def test_the_recorded_real_selection_gives_the_shipped_hbb_model_and_thresholds() -> None:
+    """docs/sample_model_selection_real.jsonl.gz (synthetic sweeps) and the runs' recorded real scores
+    (sample_data/planeship_training.json) -> the shipped HBB file and the YAML beside it."""
+    import yaml
+
+    from choose_sample_model import TEST_SEEDS, read_rows
+
+    sweeps = read_rows(REPO_ROOT / "docs" / "sample_model_selection_real.jsonl.gz")
+    assert not {r["seed"] for r in sweeps} & TEST_SEEDS
+    doc = json.loads((REPO_ROOT / "sample_data" / "planeship_training.json").read_text())
+    names = sorted({r["candidate"] for r in sweeps})
+    assert names == ["real-2", "real-3", "real-4"]
+    picks = {n: trm.thresholds(doc["runs"][n]["evaluate"]["sets"], sweeps, n) for n in names}
+    best = trm.pick(picks)
+    assert doc["shipped"]["planeship_yolov8n_hbb.onnx"]["run"] == best
+    meta = yaml.safe_load((REPO_ROOT / "sample_data" / "planeship_yolov8n_hbb.yaml").read_text())
+    assert {"plane": meta["conf_by_class"]["plane"], "ship": meta["conf"]} == {c: picks[best][c]["conf"] for c in ("plane", "ship")}
+
+
 def test_airport_image_without_planes_gets_an_empty_truth_file(tmp_path: Path) -> None:
     """The airport ``valid`` split has images with an empty label file: their truth is an empty layer that
     reads back, not a crash, and the GeoTIFF is the image with the stated made-up georeferencing."""

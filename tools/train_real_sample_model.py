@@ -19,7 +19,8 @@ on two freely licensed labelled sets, and on fresh synthetic chips so that the s
 
 Held out, chosen before any training and never used to train or to choose thresholds:
 the airport ``test`` split, and the cities in TEST_CITIES. Thresholds are chosen on the airport
-``valid`` split and the VAL_CITIES (``evaluate`` below), never on the test sets.
+``valid`` split and the VAL_CITIES (``evaluate`` below), never on the test sets, among those at which
+synthetic selection scenes keep the synthetic target (``thresholds`` below).
 
 Steps (``prepare`` and ``evaluate`` run on a CPU; ``train`` on the GPU machine):
 
@@ -27,6 +28,9 @@ Steps (``prepare`` and ``evaluate`` run on a CPU; ``train`` on the GPU machine):
     python tools/onnx_to_checkpoint.py sample_data/planeship_yolov8n_hbb.onnx --task detect --out pack/hbb_init.pt
     python tools/train_real_sample_model.py train --pack pack --out run --init pack/hbb_init.pt --device 0 --time 0.1
     python tools/train_real_sample_model.py evaluate --model run/planeship_yolov8n_hbb.onnx --out eval
+    python tools/choose_sample_model.py sweep --task hbb --candidate run=run/planeship_yolov8n_hbb.onnx \
+        --seeds 1001 8 31 32 --work /tmp/select --out sweeps.jsonl        # the synthetic selection scenes
+    python tools/train_real_sample_model.py thresholds sweeps.jsonl --candidate run=eval/eval.json
 
 Needs numpy, pillow, pyyaml, torch, ultralytics, onnx, onnxruntime (onnxslim to simplify the export);
 ``prepare`` and ``evaluate`` also rasterio, geopandas (rs-detect's own dependencies). Not polars
@@ -430,6 +434,66 @@ def choose(sets: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+SYNTHETIC_TARGET = 0.95  # tests/test_sample_model.py: precision, recall and edge recall on synthetic scenes
+
+
+def thresholds(real: dict[str, list[dict[str, Any]]], sweeps: list[dict[str, Any]], candidate: str) -> dict[str, dict[str, Any]]:
+    """The shipped thresholds of a real-data candidate, by the rule fixed before its scores were seen.
+
+    Per class, of the thresholds where the candidate's pooled synthetic selection scenes (``sweeps``:
+    ``tools/choose_sample_model.py sweep`` rows, never the test seeds) keep precision, recall and edge
+    recall >= 0.95, the one with the best min(precision, recall) at IoU 0.5 on the real validation set
+    (``real``: ``evaluate``'s sets; airport ``valid`` for planes, the validation cities for ships);
+    ties go to the higher threshold. No threshold that keeps the synthetic target: the synthetic
+    optimum (best pooled min(precision, recall)) instead, marked ``synthetic_target: False``.
+    """
+    from choose_sample_model import pooled
+
+    out = {}
+    for cls, (val, test) in CHOICE.items():
+        rows = [r for r in sweeps if r["candidate"] == candidate and r["class_name"] == cls]
+        synth = {c: pooled(r for r in rows if r["conf"] == c) for c in sorted({r["conf"] for r in rows})}
+        if not synth:
+            raise SystemExit(f"no synthetic sweep rows for candidate {candidate!r}, class {cls}")
+        ok = [c for c, s in synth.items() if min(s["precision"], s["recall"], s["edge_recall"]) >= SYNTHETIC_TARGET]
+        by_conf = {round(r["conf"], 3): r for r in real[val]}
+        if ok:
+            conf = max(ok, key=lambda c: (min(by_conf[round(c, 3)]["P0.5"], by_conf[round(c, 3)]["R0.5"]), c))
+        else:
+            conf = max(synth, key=lambda c: (min(synth[c]["precision"], synth[c]["recall"]), c))
+        test_row = next((r for r in real.get(test, []) if round(r["conf"], 3) == round(conf, 3)), None)
+        out[cls] = {"conf": conf, "synthetic_target": bool(ok), "synthetic": synth[conf], "val_set": val,
+                    "val": by_conf.get(round(conf, 3)), "test_set": test, "test": test_row}
+    return out
+
+
+def pick(candidates: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Of candidates' ``thresholds`` picks, the one with the best mean over plane and ship of the real
+    validation min(precision, recall) at its thresholds (ties: the later name)."""
+    def score(picks: dict[str, dict[str, Any]]) -> float:
+        return sum(min(p["val"]["P0.5"], p["val"]["R0.5"]) for p in picks.values()) / len(picks)
+
+    return max(sorted(candidates), key=lambda n: score(candidates[n]))
+
+
+def cmd_thresholds(args: argparse.Namespace) -> int:
+    from choose_sample_model import read_rows
+
+    sweeps = read_rows(args.sweeps)
+    found = {}
+    for spec in args.candidate:
+        name, _, path = spec.partition("=")
+        found[name] = thresholds(json.loads(Path(path).read_text())["sets"], sweeps, name)
+    for name, picks in found.items():
+        print(name)
+        for cls, p in picks.items():
+            print(f"  {cls}: conf {p['conf']} (synthetic target kept: {p['synthetic_target']}; {p['val_set']}: {p['val']}; "
+                  f"held out {p['test_set']}: {p['test']})", flush=True)
+    best = pick(found)
+    print(f"chosen: {best}; its YAML: conf: {found[best]['ship']['conf']}, conf_by_class: {{plane: {found[best]['plane']['conf']}}}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(required=True)
@@ -468,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--airport", nargs="*", default=["valid", "test"])
     a.add_argument("--cities", nargs="*", default=["val", "test"])
     a.set_defaults(func=cmd_evaluate)
+    a = sub.add_parser("thresholds", help="the shipped thresholds of each candidate (real validation sets + synthetic sweeps) and the chosen one")
+    a.add_argument("sweeps", type=Path, help="tools/choose_sample_model.py sweep rows (JSONL, .gz allowed)")
+    a.add_argument("--candidate", action="append", required=True, metavar="NAME=EVAL.json",
+                   help="a candidate's name in the sweeps and its evaluate eval.json (repeatable)")
+    a.set_defaults(func=cmd_thresholds)
     args = p.parse_args(argv)
     return args.func(args)
 
