@@ -170,6 +170,7 @@ def test_shipped_thresholds_keep_the_synthetic_target_and_are_best_on_the_real_v
     b = trm.thresholds(real, sweeps, "b")
     assert b["ship"]["conf"] == 0.3 and not b["ship"]["synthetic_target"]  # none keeps it: said so
     assert trm.pick({"a": got, "b": b}) == "b"  # mean of the validation min(P, R): (0.85 + 0.2) / 2 against (0.81 + 0.1) / 2
+    assert trm.pick({"c": b, "b": b}) == "c"  # a tie: the later name (a later run of the same series)
     with pytest.raises(SystemExit, match="no synthetic sweep rows"):
         trm.thresholds(real, sweeps, "c")
 

@@ -438,7 +438,7 @@ SYNTHETIC_TARGET = 0.95  # tests/test_sample_model.py: precision, recall and edg
 
 
 def thresholds(real: dict[str, list[dict[str, Any]]], sweeps: list[dict[str, Any]], candidate: str) -> dict[str, dict[str, Any]]:
-    """The shipped thresholds of a real-data candidate, by the rule fixed before its scores were seen.
+    """The shipped thresholds of a real-data candidate, by one rule fixed in advance.
 
     Per class, of the thresholds where the candidate's pooled synthetic selection scenes (``sweeps``:
     ``tools/choose_sample_model.py sweep`` rows, never the test seeds) keep precision, recall and edge
@@ -473,7 +473,7 @@ def pick(candidates: dict[str, dict[str, dict[str, Any]]]) -> str:
     def score(picks: dict[str, dict[str, Any]]) -> float:
         return sum(min(p["val"]["P0.5"], p["val"]["R0.5"]) for p in picks.values()) / len(picks)
 
-    return max(sorted(candidates), key=lambda n: score(candidates[n]))
+    return max(sorted(candidates, reverse=True), key=lambda n: score(candidates[n]))  # max keeps the first of equals
 
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
@@ -483,6 +483,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     found = {}
     for spec in args.candidate:
         name, _, path = spec.partition("=")
+        if not (name and path):
+            raise SystemExit(f"--candidate {spec!r}: give NAME=EVAL.json")
         found[name] = thresholds(json.loads(Path(path).read_text())["sets"], sweeps, name)
     for name, picks in found.items():
         print(name)
