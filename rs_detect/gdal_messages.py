@@ -13,8 +13,9 @@ GDAL calls its process-wide handler holding a mutex of its own, and this handler
 thread that calls GDAL while holding the GIL (rasterio does, e.g. for a dataset's mask flags) and
 meets a warning while another thread is inside the handler, waiting for the GIL, would deadlock both
 (seen on truncated TIFFs, whose every handle warns about its tags). So the threads that read call
-:func:`route_this_thread` first (the executor's reader pool does, and :func:`route_to_logging` for its
-own thread): their own handler, which GDAL calls without that mutex. The process-wide one is left for
+:func:`route_this_thread` first (the executor's reader pool does, a thread that opens a
+``RasterSource`` does, e.g. a Dask worker's, and :func:`route_to_logging` for its own thread): their own
+handler, which GDAL calls without that mutex. The process-wide one is left for
 threads that never did (GDAL's own worker threads hold no GIL).
 """
 

@@ -210,7 +210,7 @@ def test_no_gc_restores_the_collector(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
 
 
-def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path: Path) -> None:
+def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path: Path, demo_crop: Path) -> None:
     """The executor's reader threads (and the thread that routes) get a GDAL handler of their own.
 
     GDAL calls its process-wide handler under a global mutex; the Python handler needs the GIL, and a
@@ -242,11 +242,19 @@ def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path:
             for f in [threads.readers.submit(warn, f"from reader {i}") for i in range(2)]:
                 f.result()
             threads.cutters.submit(warn, "from a cutter").result()
-    """, tmp_path)
+
+        def open_then_warn():  # e.g. a Dask worker's thread running a scene
+            from rs_detect.io.reader import RasterSource
+            with RasterSource("SCENE"):
+                pass
+            warn("from a thread that opened a scene")
+        t = threading.Thread(target=open_then_warn); t.start(); t.join()
+    """.replace("SCENE", str(demo_crop)), tmp_path)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "GDAL: from the routing thread"
-    assert sorted(lines[1:]) == ["GDAL: from reader 0", "GDAL: from reader 1"]  # not the plain thread nor the cutter
+    # not the plain thread nor the cutter
+    assert sorted(lines[1:]) == ["GDAL: from a thread that opened a scene", "GDAL: from reader 0", "GDAL: from reader 1"]
 
 
 # -- benchmarks/bench_startup.py ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from rs_detect.errors import InputError
 from rs_detect.errors import one_line as _one_line
+from rs_detect.gdal_messages import route_this_thread
 from rs_detect.io.location import scene_path
 from rs_detect.io.bands import LUMA, BandPlan, Combine, plan_bands
 from rs_detect.io.stretch import add_counts, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
@@ -72,6 +73,7 @@ class RasterSource:
             raise InputError(f"{self.path}: no such file")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, not a raster")
+        route_this_thread()  # a thread that opens a scene (e.g. a Dask worker's) never waits on GDAL's global handler mutex
         self._local = threading.local()
         self._handles: list[rasterio.DatasetReader] = []
         self._spare: list[rasterio.DatasetReader] = []
