@@ -140,11 +140,16 @@ def evaluate_files(pred: Path, truth: Path, iou: float = 0.5, match: Literal["bo
 
 
 def table(scores: list[ClassScore]) -> str:
+    """The scores as a text table; a figure that does not apply (no truth of the class, no objects on
+    tile edges in the truth) shows as "-" (JSON: null)."""
+    def num(v: float, width: int) -> str:
+        return f"{'-':>{width}}" if np.isnan(v) else f"{v:>{width}.3f}"
+
     head = f"{'class':<10} {'truth':>6} {'dets':>6} {'TP':>5} {'FP':>5} {'FN':>5} {'prec':>6} {'recall':>6} {'F1':>6} {'AP50':>6} {'edge rec':>8}"
     rows = [head]
     for s in scores:
         rows.append(f"{s.class_name:<10} {s.truth:>6} {s.detections:>6} {s.tp:>5} {s.fp:>5} {s.fn:>5} "
-                    f"{s.precision:>6.3f} {s.recall:>6.3f} {s.f1:>6.3f} {s.ap50:>6.3f} {s.edge_recall:>8.3f}")
+                    f"{num(s.precision, 6)} {num(s.recall, 6)} {num(s.f1, 6)} {num(s.ap50, 6)} {num(s.edge_recall, 8)}")
     return "\n".join(rows)
 
 

@@ -133,6 +133,25 @@ def test_average_precision_reference_values() -> None:
     assert average_precision(np.array([0, 0.0]), 4) == 0.0
 
 
+def test_eval_table_shows_a_dash_where_a_figure_does_not_apply(tmp_path: Path) -> None:
+    """Truth without an ``edge`` column (e.g. real labels) and a class with no truth: "-", never "nan"."""
+    import shapely
+
+    truth = gpd.GeoDataFrame({"class_name": ["plane", "plane"], "geometry": [shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)]},
+                             crs="EPSG:32633")
+    pred = gpd.GeoDataFrame({"class_name": ["plane", "ship"], "score": [0.9, 0.8],
+                             "geometry": [shapely.box(0, 0, 10, 10), shapely.box(50, 0, 60, 10)]}, crs="EPSG:32633")
+    truth.to_file(tmp_path / "t.geojson")
+    pred.to_file(tmp_path / "p.geojson")
+    res = run("eval", tmp_path / "p.geojson", tmp_path / "t.geojson", "--match", "polygon", "--json", tmp_path / "e.json")
+    assert "nan" not in res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines()[1:]}
+    assert rows["plane"][6:8] == ["1.000", "0.500"] and rows["plane"][-1] == "-"  # precision, recall; no edge truth
+    assert rows["ship"][7] == "-" and rows["ship"][6] == "0.000"  # no ship truth: recall does not apply
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert {c["class_name"]: c["edge_recall"] for c in doc["classes"]} == {"plane": None, "ship": None}
+
+
 def test_eval_bad_input(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["eval", str(tmp_path / "none.geojson"), str(tmp_path / "t.geojson")])
     assert res.exit_code == 1 and "none.geojson" in res.stderr
