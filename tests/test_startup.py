@@ -211,7 +211,8 @@ def test_no_gc_restores_the_collector(tmp_path: Path) -> None:
 
 
 def test_reader_threads_route_gdal_warnings_without_gdals_global_mutex(tmp_path: Path, demo_crop: Path) -> None:
-    """The executor's reader threads (and the thread that routes) get a GDAL handler of their own.
+    """The executor's reader threads, a thread that opens a scene, and the thread that routes get a GDAL
+    handler of their own.
 
     GDAL calls its process-wide handler under a global mutex; the Python handler needs the GIL, and a
     thread calling GDAL while holding the GIL deadlocked against it (a truncated TIFF, whose every handle
