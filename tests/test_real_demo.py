@@ -46,15 +46,42 @@ def test_demo_scene_is_georeferenced_and_its_truth_lies_inside() -> None:
     assert np.allclose(cx, truth.geometry.centroid.x)
 
 
-@pytest.mark.skipif(not (mrd.DATASETS / mrd.AIRPORT / "test").is_dir(), reason="the aerial airport dataset is beside the workplace checkout only")
-def test_demo_scene_is_what_the_tool_builds_from_the_test_split(tmp_path: Path) -> None:
-    tif, truth, n = mrd.build(tmp_path)
-    with rasterio.open(tif) as a, rasterio.open(DEMO) as b:
-        assert np.array_equal(a.read(), b.read())
-    assert n == len(gpd.read_file(TRUTH))
-    ours = gpd.read_file(truth)
-    shipped = gpd.read_file(TRUTH)
-    assert np.allclose(ours[["px_x1", "px_y1", "px_x2", "px_y2"]], shipped[["px_x1", "px_y1", "px_x2", "px_y2"]])
+def test_demo_scene_tool_lays_the_first_16_test_images_4_by_4_with_their_planes(tmp_path: Path, monkeypatch) -> None:
+    """tools/make_real_demo.py on a stand-in of the dataset's test split: 17 source images (one of them
+    in two augmented copies), a coloured plane in each; the first 16 sources by name are laid 4 x 4."""
+    from PIL import Image
+
+    split = tmp_path / "data" / mrd.AIRPORT / "test"
+    (split / "images").mkdir(parents=True)
+    (split / "labelTxt").mkdir()
+    rng = np.random.default_rng(3)
+    placed = {}
+    for k in range(18):
+        source = f"airport_{k if k < 17 else 5:02d}"  # the 18th is a second copy of source 05: not used
+        rgb = np.full((600, 600, 3), 30, dtype=np.uint8)
+        x, y = int(rng.integers(0, 540)), int(rng.integers(0, 540))
+        rgb[y : y + 40, x : x + 50] = (240, 120, 20)
+        name = f"{source}_jpg.rf.{k:032x}"
+        Image.fromarray(rgb).save(split / "images" / f"{name}.jpg", quality=98)
+        (split / "labelTxt" / f"{name}.txt").write_text(f"{x} {y} {x + 50} {y} {x + 50} {y + 40} {x} {y + 40} airplane 0\n")
+        placed.setdefault(source, (x, y))
+    monkeypatch.setattr(sys.modules[mrd.airport_sources.__module__], "DATASETS", tmp_path / "data")
+    tif, truth_path, n = mrd.build(tmp_path / "out")
+    truth = gpd.read_file(truth_path)
+    sources = sorted(placed)[:16]
+    assert n == len(truth) == 16 and list(truth["source"]) == sources  # airport_16 is left out
+    with rasterio.open(tif) as ds:
+        assert (ds.width, ds.height, ds.count) == (2400, 2400, 3) and ds.crs.to_epsg() == 32633
+        assert ds.tags()["IMAGES"].split(",") == sources
+        img = ds.read()
+        transform = ds.transform
+    for k, row in enumerate(truth.itertuples()):
+        x, y = placed[row.source]
+        ox, oy = (k % 4) * 600, (k // 4) * 600
+        assert (row.px_x1, row.px_y1, row.px_x2, row.px_y2) == (x + ox, y + oy, x + ox + 50, y + oy + 40)
+        patch = img[:, y + oy + 10 : y + oy + 30, x + ox + 10 : x + ox + 40].reshape(3, -1).mean(axis=1)
+        assert np.allclose(patch, (240, 120, 20), atol=12)  # the plane's pixels are where its box says (JPEG in TIFF)
+        assert row.geometry.bounds == pytest.approx((*(transform * (row.px_x1, row.px_y2)), *(transform * (row.px_x2, row.px_y1))))
 
 
 @pytest.mark.slow
