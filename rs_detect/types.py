@@ -270,7 +270,7 @@ class RunStats:
     per_class: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    reader: str = ""  # the reading path the scene took and why (e.g. "GPU (deflate)", "GDAL (striped, not tiled)")
+    reader: str = ""  # the reading path the scene took and why (e.g. "blocks, deflate + predictor, libdeflate, cut on the GPU", "GDAL (striped, not tiled)")
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rs_detect import __version__
 from rs_detect.config import Config
 from rs_detect.errors import ModelError, OutputError
-from rs_detect.fsutil import atomic_write_text
+from rs_detect.fsutil import atomic_write_text, file_sha256
 from rs_detect.io.location import RemoteScene
 
 if TYPE_CHECKING:
@@ -27,12 +27,6 @@ PARTIAL_HASH_BYTES = 1 << 16
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    from rs_detect.fsutil import file_sha256
-
-    return file_sha256(path)
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
@@ -66,9 +60,9 @@ def config_digest(cfg: Config, model_path: Path) -> str:
         d.pop(key, None)
     if isinstance(cfg.model_meta, str):
         p = Path(cfg.model_meta)
-        d["model_meta"] = {"path_sha256": _sha256_file(p) if p.is_file() else None}
+        d["model_meta"] = {"path_sha256": file_sha256(p) if p.is_file() else None}
     sidecar = sidecar_yaml(model_path) if cfg.model_meta is None else None
-    d["model_sidecar_sha256"] = _sha256_file(sidecar) if sidecar else None
+    d["model_sidecar_sha256"] = file_sha256(sidecar) if sidecar else None
     return _sha256_bytes(json.dumps(d, sort_keys=True, default=str).encode())
 
 
@@ -85,7 +79,7 @@ class RunIdentity:
         model = cfg.model_path()
         if not model.is_file():
             raise ModelError(f"{model}: model file not found")
-        return RunIdentity(str(model.resolve()), _sha256_file(model), config_digest(cfg, model))
+        return RunIdentity(str(model.resolve()), file_sha256(model), config_digest(cfg, model))
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:

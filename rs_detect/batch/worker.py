@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rs_detect.batch.discovery import SceneJob
 from rs_detect.batch.manifest import (
-    RunIdentity, _sha256_bytes, _sha256_file, input_fingerprint, read_manifest, why_not_complete, write_manifest,
+    RunIdentity, _sha256_bytes, input_fingerprint, read_manifest, why_not_complete, write_manifest,
 )
 from rs_detect.config import Config
 from rs_detect.errors import ModelError, RsDetectError, one_line
+from rs_detect.fsutil import file_sha256
 
 if TYPE_CHECKING:
     from rs_detect.pipeline import ScenePipeline
@@ -68,7 +69,7 @@ def get_pipeline(spec: WorkerSpec) -> ScenePipeline:
         path = Path(spec.identity.model_path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found on {socket.gethostname()}")
-        if _sha256_file(path) != spec.identity.model_sha256:
+        if file_sha256(path) != spec.identity.model_sha256:
             raise ModelError(f"{path}: the model on {socket.gethostname()} differs from the one this run was planned with (sha256 mismatch)")
         model_yaml = Path(cfg.model_meta) if isinstance(cfg.model_meta, str) else cfg.model_meta
         kwargs: dict[str, Any] = {}
