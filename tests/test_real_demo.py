@@ -65,7 +65,8 @@ def test_demo_scene_tool_lays_the_first_16_test_images_4_by_4_with_their_planes(
         Image.fromarray(rgb).save(split / "images" / f"{name}.jpg", quality=98)
         (split / "labelTxt" / f"{name}.txt").write_text(f"{x} {y} {x + 50} {y} {x + 50} {y + 40} {x} {y + 40} airplane 0\n")
         placed.setdefault(source, (x, y))
-    monkeypatch.setattr(sys.modules[mrd.airport_sources.__module__], "DATASETS", tmp_path / "data")
+    # the module airport_sources was defined in (another test may load a second copy under the same name)
+    monkeypatch.setitem(mrd.airport_sources.__globals__, "DATASETS", tmp_path / "data")
     tif, truth_path, n = mrd.build(tmp_path / "out")
     truth = gpd.read_file(truth_path)
     sources = sorted(placed)[:16]
