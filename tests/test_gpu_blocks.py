@@ -5,6 +5,7 @@ must equal what the GDAL slab reader gives."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,51 @@ def test_groups_in_flight_are_bounded_by_the_pinned_budget(tmp_path: Path, monke
         layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
         reader = gpu_blocks.GpuBlockReader(src, layout, torch.device("cpu"), pool, None, None)
         assert (reader.group_blocks, reader.ahead) == (2, 2)  # 2 MiB groups; 3 of them fit 6 MiB
+        assert reader.chunk == 2  # 16 blocks a group, 8 threads: 2 blocks a job, so that every thread has one
         reader.close()
         tiles = iter_tiles(src.width, src.height, 512, 64, src.transform)
         n = sum(b.size for b in gpu_window_batches(src, layout, tiles, pool, 4, 512, torch.device("cpu"), None))
     assert n == 25 and seen and max(seen) <= 3
+
+
+def slots_of(blocks: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw DEFLATE streams of ``blocks`` laid out at 8-byte aligned slots of one buffer."""
+    streams = []
+    for b in blocks:
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        streams.append(c.compress(b) + c.flush())
+    lens = np.array([len(x) for x in streams], np.int64)
+    starts = np.concatenate([[0], np.cumsum(-(-lens // 8) * 8)[:-1]]).astype(np.int64)
+    buf = np.zeros(int(starts[-1] + lens[-1]) + 8, np.uint8)
+    for s, x in zip(starts, streams):
+        buf[s : s + len(x)] = np.frombuffer(x, np.uint8)
+    return buf, starts, lens
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_host_inflater_writes_each_block_into_its_row(direct: bool) -> None:
+    size = 4096
+    rng = np.random.default_rng(5)
+    blocks = [np.cumsum(rng.integers(-2, 3, size)).astype(np.uint8).tobytes() for _ in range(5)]
+    buf, starts, lens = slots_of(blocks)
+    inflater = tiff_blocks.HostInflater(size, direct=direct)
+    assert inflater.direct is direct  # libdeflate's own functions are found in the deflate package
+    out = np.full((5, size), 7, np.uint8)
+    inflater(buf, starts, lens, out)
+    assert [bytes(r) for r in out] == blocks
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_host_inflater_names_the_block_that_fails_and_why(direct: bool) -> None:
+    size = 1000
+    good = bytes(range(256)) * 3 + bytes(size - 768)
+    inflater = tiff_blocks.HostInflater(size, direct=direct)
+    out = np.empty((3, size), np.uint8)
+    cases = [(good[:-1], "fewer" if direct else "999 bytes"), (good + b"x", "more" if direct else "does not inflate"), (None, "does not inflate")]
+    for bad, why in cases:
+        buf, starts, lens = slots_of([good, good if bad is None else bad, good])
+        if bad is None:  # a valid stream's first bytes replaced: no DEFLATE block type 3 exists
+            buf[starts[1] : starts[1] + 4] = 0xFF
+        with pytest.raises(tiff_blocks.BlockInflateError, match=why) as err:
+            inflater(buf, starts, lens, out)
+        assert err.value.index == 1

@@ -26,6 +26,7 @@ code on the CPU (``--reader blocks`` does too).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -35,8 +36,8 @@ import torch
 
 from rs_detect.dtypes import torch_dtype
 from rs_detect.errors import InputError
-from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockLayout, InflateDecoder, NvcompDecoder, block_layout,
-                                      host_inflater, inflater_name, nvcomp_available, undo_predictor)
+from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockInflateError, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder,
+                                      block_layout, inflater_name, nvcomp_available, undo_predictor)
 from rs_detect.io.prefetch import window_batches
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
@@ -49,7 +50,7 @@ GROUP_ROWS = 2048  # pixel rows of a group inflated by nvCOMP (one batch)
 HOST_GROUP_ROWS = 0  # pixel rows of a group inflated on the CPU (0: about GROUP_BYTES of pixels, whole block rows)
 GROUP_BYTES = 64 << 20  # a CPU-inflated group's pinned buffer: one copy to the device
 PINNED_BYTES = 320 << 20  # groups in flight at most (pinned host memory): bounded by the scene's width, not its area
-HOST_CHUNK = 16  # blocks a reader-pool job reads and inflates
+HOST_CHUNK = 16  # blocks a reader-pool job reads and inflates, at most (fewer where a group would give a thread nothing)
 
 
 def gpu_read_plan(src, device: torch.device, mode: str = "auto") -> tuple[BlockLayout | None, str]:
@@ -81,9 +82,10 @@ def gpu_read_plan(src, device: torch.device, mode: str = "auto") -> tuple[BlockL
 class GpuBlockReader:
     """Decodes a scene in groups of block rows and cuts windows from them on ``device``.
 
-    Where the blocks are inflated: by default on the CPU (:func:`host_inflater` in the reader pool,
-    ``HOST_CHUNK`` blocks a job, straight into the group's pinned buffer, which then goes to the
-    device in one copy); with ``decoder`` (e.g. :class:`NvcompDecoder`) on the device, from the
+    Where the blocks are inflated: by default on the CPU (:class:`HostInflater` in the reader pool,
+    up to ``HOST_CHUNK`` blocks a job, straight into the group's pinned buffer, which then goes to the
+    device in one copy; each reader thread reads the compressed bytes into a buffer of its own, kept
+    for the scene); with ``decoder`` (e.g. :class:`NvcompDecoder`) on the device, from the
     compressed bytes. Uncompressed blocks are read into place."""
 
     def __init__(self, src, layout: BlockLayout, device: torch.device, pool: ThreadPoolExecutor, ahead: int | None,
@@ -102,9 +104,11 @@ class GpuBlockReader:
         self.group_blocks = min(self.group_blocks, rows)  # block rows per group
         self.group_rows = self.group_blocks * layout.tile_h
         self.groups = -(-rows // self.group_blocks)
+        threads = getattr(pool, "_max_workers", 8)
+        # blocks per job: every reader thread gets a share of a group (the first batch waits for the first group)
+        self.chunk = max(1, min(HOST_CHUNK, -(-self.group_blocks * cols // threads)))
         if ahead is None:  # enough groups in flight to keep every reader thread busy, within the pinned budget
-            jobs = -(-self.group_blocks * cols // HOST_CHUNK) if self.host else 1
-            threads = getattr(pool, "_max_workers", 8)
+            jobs = -(-self.group_blocks * cols // self.chunk) if self.host else 1
             ahead = min(max(2, -(-2 * threads // jobs)), max(1, PINNED_BYTES // (self.group_blocks * row_bytes) - 1))
         self.ahead = max(1, ahead)
         self.bands = torch.as_tensor([i - 1 for i in src.plan.indexes], dtype=torch.long, device=device)
@@ -113,7 +117,8 @@ class GpuBlockReader:
         self._decoded: dict[int, torch.Tensor] = {}  # group -> [bands, rows, width]
         self._next_read = 0
         self.pin = device.type == "cuda"
-        self._inflate = host_inflater(layout.block_bytes) if self.host else None
+        self._inflate = HostInflater(layout.block_bytes) if self.host else None
+        self._scratch = threading.local()  # each reader thread's buffer for compressed bytes
 
     def close(self) -> None:
         futures = [f for fs in self._reads.values() for f in fs]
@@ -147,21 +152,19 @@ class GpuBlockReader:
 
     def _inflate_into(self, blocks: slice, out: np.ndarray) -> None:
         """Read and inflate ``blocks`` into ``out`` [len(blocks), block_bytes] (a reader-pool job)."""
-        buf = np.empty(self.file.size(blocks), dtype=np.uint8)
+        need = self.file.size(blocks)
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.size < need:  # fresh pages once per thread, not per job
+            buf = self._scratch.buf = np.empty(need + need // 4, dtype=np.uint8)
         starts, lens = self.file.read(blocks, buf)
         inflate = self._inflate
         assert inflate is not None
-        cols = self.layout.grid[1]
-        for i, (s, n) in enumerate(zip(starts, lens)):
-            k = (blocks.start or 0) + i
-            try:
-                block = inflate(memoryview(buf)[int(s) : int(s) + int(n)])
-            except Exception as exc:  # noqa: BLE001 - a corrupt stream: named with its block
-                raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) does not inflate ({exc})") from None
-            if len(block) != out.shape[1]:
-                raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) inflates to {len(block)} bytes, "
-                                 f"not {out.shape[1]}")
-            out[i] = np.frombuffer(block, dtype=np.uint8)
+        try:
+            inflate(buf, starts, lens, out)
+        except BlockInflateError as exc:
+            k = (blocks.start or 0) + exc.index
+            cols = self.layout.grid[1]
+            raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) {exc.why}") from None
 
     def _request(self, upto: int) -> None:
         cols = self.layout.grid[1]
@@ -173,8 +176,9 @@ class GpuBlockReader:
                 buf = torch.empty((last - first, self.layout.block_bytes), dtype=torch.uint8, pin_memory=self.pin)
                 self._buffers[g] = buf
                 arr = buf.numpy()
-                self._reads[g] = [self.pool.submit(self._inflate_into, slice(a, min(a + HOST_CHUNK, last)), arr[a - first : a - first + HOST_CHUNK])
-                                  for a in range(first, last, HOST_CHUNK)]
+                c = self.chunk
+                self._reads[g] = [self.pool.submit(self._inflate_into, slice(a, min(a + c, last)), arr[a - first : a - first + c])
+                                  for a in range(first, last, c)]
             else:
                 self._reads[g] = [self.pool.submit(self._read, slice(first, last))]
             self._next_read += 1

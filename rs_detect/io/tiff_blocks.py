@@ -5,10 +5,12 @@ on the CPU, nvCOMP on the GPU) and undoing the horizontal predictor. The block r
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -252,18 +254,89 @@ def _libdeflate():  # the ``deflate`` package, or None
     return deflate
 
 
+@functools.cache
+def _libdeflate_c() -> tuple[Any, Any, Any] | None:
+    """libdeflate's own C functions (alloc, free, raw-DEFLATE decompress) from the library the ``deflate``
+    package ships (its extension module exports them), or None where that package or those symbols are
+    absent. Through them a block inflates straight into its slot of the pinned buffer: the package's
+    Python function returns a new bytearray per block (half a megabyte of fresh pages to fault in,
+    then a copy), which at gigabytes per second is a good share of a reader thread's time."""
+    deflate = _libdeflate()
+    if deflate is None:
+        return None
+    try:
+        lib = ctypes.CDLL(deflate._deflate.__file__)
+        alloc, free, dec = lib.libdeflate_alloc_decompressor, lib.libdeflate_free_decompressor, lib.libdeflate_deflate_decompress
+    except (OSError, AttributeError):
+        return None
+    alloc.argtypes, alloc.restype = [], ctypes.c_void_p
+    free.argtypes, free.restype = [ctypes.c_void_p], None
+    # (decompressor, in, in_nbytes, out, out_nbytes_avail, actual_out_nbytes_ret); NULL for the last: exactly out_nbytes_avail
+    dec.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    dec.restype = ctypes.c_int
+    return alloc, free, dec
+
+
+_LIBDEFLATE_RESULT = {1: "does not inflate (not valid DEFLATE data)", 2: "inflates to fewer bytes than a block holds",
+                      3: "inflates to more bytes than a block holds"}
+
+
+class BlockInflateError(Exception):
+    """Block ``index`` (of the slots inflated together) failed; ``why`` in a few words."""
+
+    def __init__(self, index: int, why: str) -> None:
+        super().__init__(why)
+        self.index, self.why = index, why
+
+
 def inflater_name() -> str:
-    """What :func:`host_inflater` inflates with."""
+    """What :class:`HostInflater` inflates with."""
     return "zlib" if _libdeflate() is None else "libdeflate"
 
 
-def host_inflater(size: int):
-    """Raw DEFLATE -> bytes of ``size``, on the CPU, the GIL released while it inflates: libdeflate
-    (the ``deflate`` package) where installed, about 2.5 times zlib's speed on the H100 host; else zlib."""
-    deflate = _libdeflate()
-    if deflate is None:
-        return lambda data: zlib.decompress(data, wbits=-15, bufsize=size)
-    return lambda data: deflate.deflate_decompress(data, size)
+class HostInflater:
+    """Raw DEFLATE slots -> rows of an output buffer, on the CPU, the GIL released while each block inflates.
+
+    With libdeflate's C functions (:func:`_libdeflate_c`) each block inflates in place into its row;
+    otherwise (the ``deflate`` package without them, or zlib where it is absent) into a new bytes
+    object that is then copied. ``direct=False`` asks for the second way (for measuring the two)."""
+
+    def __init__(self, size: int, direct: bool = True) -> None:
+        self.size = size
+        self._c = _libdeflate_c() if direct else None
+        self.direct = self._c is not None
+        deflate = _libdeflate()
+        self._inflate = (lambda data: zlib.decompress(data, wbits=-15, bufsize=size)) if deflate is None else \
+            (lambda data: deflate.deflate_decompress(data, size))
+
+    def __call__(self, data: np.ndarray, starts: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
+        """Inflate the slots (``starts``, ``lens``) of ``data`` (uint8) into the rows of ``out`` [n, size]
+        (uint8, C-contiguous); raises :class:`BlockInflateError` naming the first block that fails."""
+        if out.ndim != 2 or out.shape[1] != self.size or not out.flags.c_contiguous or out.dtype != np.uint8 or len(out) < len(starts):
+            raise ValueError(f"output rows must be a C-contiguous uint8 [n, {self.size}] array")
+        if self._c is not None:
+            alloc, free, dec = self._c
+            d = alloc()
+            if not d:
+                raise MemoryError("libdeflate: no memory for a decompressor")
+            try:
+                src, dst = data.ctypes.data, out.ctypes.data
+                for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+                    rc = dec(d, src + s, n, dst + i * self.size, self.size, None)
+                    if rc:
+                        raise BlockInflateError(i, _LIBDEFLATE_RESULT.get(rc, f"does not inflate (libdeflate result {rc})"))
+            finally:
+                free(d)
+            return
+        mv = memoryview(data)
+        for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+            try:
+                block = self._inflate(mv[s : s + n])
+            except Exception as exc:  # noqa: BLE001 - a corrupt stream: named with its block by the caller
+                raise BlockInflateError(i, f"does not inflate ({exc})") from None
+            if len(block) != self.size:
+                raise BlockInflateError(i, f"inflates to {len(block)} bytes, not {self.size}")
+            out[i] = np.frombuffer(block, dtype=np.uint8)
 
 
 class InflateDecoder:
