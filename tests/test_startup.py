@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from conftest import two_squares, write_tif
 from fake_tensorrt import mini_torchscript
 
-from rs_detect.cli.startup import InBackground, no_gc
+from rs_detect.cli.startup import InBackground, cuda_device_asked, no_gc, start_cuda_early
 from rs_detect.postprocess import nms as rs_nms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +194,25 @@ def test_in_background_returns_and_raises_in_the_caller() -> None:
 
     with pytest.raises(ValueError, match="from the thread"):
         InBackground(boom, name="rs-test").result()
+
+
+@pytest.mark.parametrize(("argv", "index"), [
+    (["s.tif", "--device", "cuda"], 0), (["detect", "s.tif", "--device=cuda:1"], 1), (["s.tif", "-o", "o.gpkg", "--device", "cuda:2"], 2),
+    (["s.tif"], None), (["s.tif", "--device", "cpu"], None), (["batch", "/archive", "--device", "cuda"], None),
+    (["--help"], None), (["s.tif", "--device", "cuda:x"], None), (["s.tif", "--", "--device", "cuda"], None), ([], None)])
+def test_cuda_is_started_early_only_for_a_detect_command_on_a_cuda_device(argv: list[str], index: int | None) -> None:
+    assert cuda_device_asked(argv) == index
+
+
+def test_early_cuda_start_ends_quietly_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no driver (this machine) or a GPU, the thread ends by itself and raises nothing."""
+    thread = start_cuda_early(["s.tif", "--device", "cuda"])
+    assert thread is not None and thread.daemon
+    thread.join(30)
+    assert not thread.is_alive()
+    monkeypatch.setenv("RS_DETECT_EARLY_CUDA", "0")
+    assert start_cuda_early(["s.tif", "--device", "cuda"]) is None
+    assert start_cuda_early(["s.tif"]) is None
 
 
 def test_no_gc_restores_the_collector(tmp_path: Path) -> None:

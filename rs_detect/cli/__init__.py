@@ -56,7 +56,10 @@ import sys
 import warnings
 from typing import Any
 
-from rs_detect.cli.startup import leave, no_gc
+from rs_detect.cli.startup import leave, no_gc, start_cuda_early
+
+if __name__ == "rs_detect.cli" and _threading.current_thread() is _threading.main_thread():
+    start_cuda_early(sys.argv[1:])  # while torch imports below
 
 with no_gc():  # torch comes in here (through the options' config types)
     import click

@@ -5,6 +5,9 @@
   and the collector would walk them all several times over (0.2 s of a run's start).
 * :class:`InBackground`: one call in a thread of its own while the main thread goes on (the engine
   loads and warms up while the command imports what writes its output).
+* :func:`start_cuda_early`: the CUDA driver and the GPU's primary context started in a thread of
+  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the driver
+  call gives up Python's lock; torch finds the context made and uses it).
 * :func:`leave` once a command has finished, from the console entry point: the exit a finished
   command needs (threads waited for, atexit handlers, streams flushed) without the interpreter's
   teardown of every module and of torch's, ONNX Runtime's and GDAL's C++ state (0.5-0.8 s with
@@ -14,11 +17,12 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Generic, NoReturn, TypeVar
 
@@ -35,6 +39,58 @@ def no_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+COMMANDS = ("detect", "synth", "eval", "inspect", "export", "build-engine", "batch")
+
+
+def cuda_device_asked(argv: Sequence[str]) -> int | None:
+    """The CUDA device index a ``detect`` command line asks for with ``--device cuda[:N]``, else None
+    (another command, another device, or no ``--device``: a config file's device is read later)."""
+    args = list(argv)
+    if not args or (args[0] in COMMANDS and args[0] != "detect") or args[0].startswith("-"):
+        return None
+    value = None
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a == "--device" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--device="):
+            value = a.split("=", 1)[1]
+    if value is None or not value.startswith("cuda"):
+        return None
+    index = value[5:] if value.startswith("cuda:") else "0" if value == "cuda" else None
+    return int(index) if index is not None and index.isdigit() else None
+
+
+def start_cuda_early(argv: Sequence[str]) -> threading.Thread | None:
+    """Initialise the CUDA driver and retain device N's primary context in a daemon thread, when
+    ``argv`` asks ``detect`` for ``--device cuda[:N]`` (``RS_DETECT_EARLY_CUDA=0`` turns it off).
+
+    That takes a few hundred milliseconds in the driver, which holds no Python lock, so it runs while
+    the main thread imports torch; torch's own CUDA start then finds the context (the runtime uses the
+    primary context) instead of creating it. Where the driver is missing or fails nothing happens here,
+    and torch reports the problem as it always does. The context stays retained for the process.
+    """
+    index = cuda_device_asked(argv)
+    if index is None or os.environ.get("RS_DETECT_EARLY_CUDA", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+
+    def init() -> None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            if lib.cuInit(0) != 0:
+                return
+            dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+            if lib.cuDeviceGet(ctypes.byref(dev), index) == 0:
+                lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+        except (OSError, AttributeError):  # no driver here: torch says so later, in its own words
+            pass
+
+    thread = threading.Thread(target=init, name="rs-cuda-init", daemon=True)
+    thread.start()
+    return thread
 
 
 class InBackground(Generic[T]):
