@@ -201,6 +201,76 @@ class RssTrace:
         return max(with_rss, key=lambda s: s["rss"]) if with_rss else None
 
 
+class ThreadCpu:
+    """CPU seconds each kind of thread spent while a block runs (Linux: /proc/self/task), sampled every
+    ``every_s`` so that threads that end inside the block are counted (up to their last sample).
+
+    Kinds: a Python thread's name up to its first ``_`` or digit run (``rs-read``, ``rs-post``,
+    ``MainThread``); threads Python did not start (CUDA's, GDAL's, torch's) are ``native``.
+    ``process`` is the whole process's CPU time over the block, from /proc/self/stat."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.every_s = every_s
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
+        self._stop = threading.Event()
+        self.by_kind: dict[str, float] = {}
+        self.process_s = 0.0
+        self.wall_s = 0.0
+
+    @staticmethod
+    def _cpu(stat: str) -> float:
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> None:
+        import re
+
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                cpu = self._cpu((task / "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+            tid = int(task.name)
+            self._first.setdefault(tid, 0.0 if self._started else cpu)  # a thread born inside the block: all of its time
+            self._last[tid] = cpu
+            if tid not in self._kind or self._kind[tid] == "native":
+                name = names.get(tid)
+                self._kind[tid] = "native" if name is None else re.split(r"[_\d]", name, maxsplit=1)[0] or name
+
+    def __enter__(self) -> ThreadCpu:
+        self._started = False
+        self._sample()
+        self._started = True
+        self._p0 = self._cpu(Path("/proc/self/stat").read_text())
+        self._t0 = time.perf_counter()
+        self._t = threading.Thread(target=self._run, name="bench-cpu-sampler", daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        self.wall_s = time.perf_counter() - self._t0
+        self.process_s = self._cpu(Path("/proc/self/stat").read_text()) - self._p0
+        for tid, last in self._last.items():
+            kind = self._kind.get(tid, "native")
+            if kind == "bench-cpu-sampler":
+                continue
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + last - self._first.get(tid, 0.0)
+
+    def report(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall_s, 3), "process_cpu_s": round(self.process_s, 3),
+                "by_thread_kind_s": {k: round(v, 3) for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1])}}
+
+
 class GpuSampler:
     """Mean GPU utilisation while a block runs (NVML), or None where there is no GPU."""
 
@@ -235,6 +305,15 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
+def use_inflate(how: str) -> None:
+    """``direct``: the block reader inflates into the pinned buffer with libdeflate's C functions (the
+    default); ``copy``: through the deflate package's Python function and a copy (what it did before)."""
+    if how == "copy":
+        from rs_detect.io import tiff_blocks
+
+        tiff_blocks._libdeflate_c = lambda: None
+
+
 # -- one measurement (in a fresh process) --------------------------------------------------------------
 
 
@@ -246,6 +325,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from rs_detect.pipeline import ScenePipeline
 
     scene = Path(args.scene)
+    use_inflate(args.inflate)
     if args.trim_interval:  # an experiment: how often the pipeline hands freed heap pages back (rs_detect.memory)
         rs_memory.TRIM_EVERY_S = args.trim_interval
     if args.switch_interval:  # an experiment: how long a thread waiting for the GIL may wait (default 5 ms)
@@ -286,7 +366,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         mark("warmup_run")
     rss_before = peak_rss_mb()
     reset_slab_peak()
-    with GpuSampler() as gpu, RssTrace() as trace:
+    with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu:
         t0 = time.perf_counter()
         result = pipe.run(scene)
         seconds = time.perf_counter() - t0
@@ -316,6 +396,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "slab_peak_mb": round(slab_peak, 1), "at_run_peak": trace.at_peak, "marks": marks,
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
+        "cpu": cpu.report(), "inflate": args.inflate,
     }
 
 
@@ -341,6 +422,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     size, overlap = 1024, 192
+    use_inflate(args.inflate)
     if args.group_rows:  # an experiment: rows of blocks decoded per group (nvCOMP batch size, pinned buffer size)
         import rs_detect.io.gpu_blocks as gb
 
@@ -359,6 +441,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         read_stream = torch.cuda.Stream(device=dev) if cuda else None
         n = 0
         reset_slab_peak()
+        cpu = ThreadCpu().__enter__()
         t0 = time.perf_counter()
         batches, reader = scene_batches(src, tiles, args.reader, dev, read_stream, readers, cutters, args.batch, size, cuda,
                                         args.prefetch or auto_prefetch(args.device, args.batch), args.threads, size - overlap)
@@ -371,6 +454,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        cpu.__exit__()
         readers.shutdown()
         cutters.shutdown()
         total = tile_count(src.width, src.height, size, overlap)
@@ -381,7 +465,8 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
                "batch": args.batch, "tiles": n, "seconds": round(dt, 3), "tiles_s": round(n / dt, 1),
                "scene_gbps": round(src.width * src.height * item / dt / 1e9, 2),
                "window_gbps": round(n * size * size * item / dt / 1e9, 2), "open_and_stretch_s": round(t_ready - t_open, 3),
-               "slab_peak_mb": round(slab_memory()["peak"] / 2**20, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+               "slab_peak_mb": round(slab_memory()["peak"] / 2**20, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "inflate": args.inflate, "cpu": cpu.report()}
         src.close()
         if rep:
             rows.append(row)
@@ -402,7 +487,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
             + (["--jit-profiling"] if getattr(args, "jit_profiling", False) else []) \
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
             + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
-            + ["--repeat", str(getattr(args, "repeat", 1)), "--reader", getattr(args, "reader", "auto")] \
+            + ["--repeat", str(getattr(args, "repeat", 1)), "--reader", getattr(args, "reader", "auto"), "--inflate", getattr(args, "inflate", "direct")] \
             + (["--trace", str(Path(args.trace_dir) / f"trace_{Path(scene).stem}{'_seed' if seed else ''}.json")] if getattr(args, "trace_dir", None) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -486,6 +571,7 @@ def main() -> None:
         p.add_argument("--repeat", type=int, default=1, help="engine-only and end-to-end this many times in turn; medians reported")
         p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
         p.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
+        p.add_argument("--inflate", default="direct", choices=["direct", "copy"], help="the block reader's inflating (use_inflate)")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
@@ -510,6 +596,7 @@ def main() -> None:
     rd.add_argument("--prefetch", type=int, default=None)
     rd.add_argument("--repeat", type=int, default=3, help="measured passes after one warm-up pass")
     rd.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
+    rd.add_argument("--inflate", default="direct", choices=["direct", "copy"], help="the block reader's inflating (use_inflate)")
     rd.add_argument("--group-rows", type=int, default=0, help="pixel rows of a decode group (0: the reader's default)")
     mem = sub.add_parser("memory")
     mem.add_argument("--sizes", default="2048,16384")
