@@ -58,9 +58,8 @@ class RasterSource:
         fill_value: float = 0.0,
         handles: int = 0,
     ) -> None:
-        """``handles``: dataset handles to open now, one after another, for that many reader threads:
-        opened by many threads at once, rasterio handles take about 20 times longer (each open hands the
-        GIL back and forth); these are taken by threads on their first read.
+        """``handles``: dataset handles to open now for that many reader threads (:meth:`open_handles`);
+        a caller that learns only later whether its threads read through GDAL opens them then.
 
         Nothing here starts a thread. The stretch (:attr:`scale`) is measured on first use, in the
         calling thread; a caller with reader threads runs the :meth:`sample_plan` jobs there instead
@@ -95,8 +94,7 @@ class RasterSource:
         self._lut = self._palette_lut(ds) if self.plan.combine == "palette" else None
         self.scale_config = scale
         self._scale: ScaleInfo | None = None
-        for _ in range(max(0, handles)):
-            self._spare.append(self._open())
+        self.open_handles(handles)
 
     @property
     def scale(self) -> ScaleInfo:
@@ -120,6 +118,16 @@ class RasterSource:
         with self._lock:
             self._handles.append(ds)
         return ds
+
+    def open_handles(self, n: int) -> None:
+        """Open ``n`` more dataset handles now, one after another, for that many reader threads to take
+        on their first read: opened by many threads at once, rasterio handles take about 20 times
+        longer (each open hands the GIL back and forth). About 1 ms each on a big tiled file, so the
+        block reader, whose threads never read through GDAL, opens none."""
+        for _ in range(max(0, n)):
+            ds = self._open()
+            with self._lock:
+                self._spare.append(ds)
 
     def _dataset(self) -> rasterio.DatasetReader:
         """This thread's handle: its own, else a spare one opened up front, else a new one."""
@@ -202,7 +210,16 @@ class RasterSource:
 
     def sample_summary(self, job: tuple[int, int, list[tuple[int, int]]]) -> np.ndarray | tuple[int, np.ndarray]:
         """One sample job's valid values, counted where they are 8/16-bit integers (any thread)."""
-        values = self._sample_part(job)
+        return self._summary(self._sample_part(job))
+
+    def summarize(self, arr: np.ndarray | np.ma.MaskedArray) -> np.ndarray | tuple[int, np.ndarray]:
+        """A sample window read some other way (raw bands [B, h, w] of the plan, in the file's dtype)
+        summarised as :meth:`sample_summary` summarises its own reads: the block reader reads its
+        sample from the blocks, and its stretch must be the one GDAL's sample gives."""
+        return self._summary(self._valid_values(arr))
+
+    @staticmethod
+    def _summary(values: np.ndarray) -> np.ndarray | tuple[int, np.ndarray]:
         return value_counts(values) or values
 
     def sample_plan(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
