@@ -197,6 +197,19 @@ def slots_of(blocks: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return buf, starts, lens
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("predictor", [1, 2])
+def test_undo_predictor_host_is_undo_predictor_in_numpy(dtype: str, samples: int, predictor: int) -> None:
+    layout = tiff_blocks.BlockLayout("x.tif", 64, 32, 32, 64, np.dtype(dtype), samples, predictor, "deflate",
+                                     np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64))
+    raw = np.random.default_rng(1).integers(0, 256, (3, layout.block_bytes), dtype=np.uint8)  # sums that wrap around
+    want = tiff_blocks.undo_predictor(torch.from_numpy(raw), layout).numpy()
+    got = tiff_blocks.undo_predictor_host(raw, layout)
+    assert got.dtype == want.dtype == np.dtype(dtype) and got.shape == want.shape == (3, 32, 64, samples)
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_host_inflater_writes_each_block_into_its_row(direct: bool) -> None:
     size = 4096

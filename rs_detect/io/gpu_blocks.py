@@ -35,9 +35,8 @@ import numpy as np
 import torch
 
 from rs_detect.dtypes import torch_dtype
-from rs_detect.errors import InputError
 from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockInflateError, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder,
-                                      block_layout, inflater_name, nvcomp_available, undo_predictor)
+                                      block_error, block_layout, inflater_name, nvcomp_available, undo_predictor)
 from rs_detect.io.prefetch import window_batches
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
@@ -162,9 +161,7 @@ class GpuBlockReader:
         try:
             inflate(buf, starts, lens, out)
         except BlockInflateError as exc:
-            k = (blocks.start or 0) + exc.index
-            cols = self.layout.grid[1]
-            raise InputError(f"{self.layout.path}: block {k % cols},{k // cols} (column, row) {exc.why}") from None
+            raise block_error(self.layout, (blocks.start or 0) + exc.index, exc.why) from None
 
     def _request(self, upto: int) -> None:
         cols = self.layout.grid[1]
