@@ -16,7 +16,7 @@ from rasterio.enums import ColorInterp as CI
 
 from rs_detect.errors import InputError
 from rs_detect.io import gpu_blocks, tiff_blocks
-from rs_detect.io.gpu_blocks import BlockFile, InflateDecoder, block_layout, gpu_read_plan, gpu_window_batches
+from rs_detect.io.gpu_blocks import BlockFile, BlockSampler, InflateDecoder, block_layout, gpu_read_plan, gpu_window_batches
 from rs_detect.io.prefetch import window_batches
 from rs_detect.io.reader import RasterSource
 from rs_detect.io.tiling import iter_tiles
@@ -237,3 +237,102 @@ def test_host_inflater_names_the_block_that_fails_and_why(direct: bool) -> None:
         with pytest.raises(tiff_blocks.BlockInflateError, match=why) as err:
             inflater(buf, starts, lens, out)
         assert err.value.index == 1
+
+
+# -- the stretch's sample read from the blocks ------------------------------------------------------------
+
+
+def assert_same_summary(a: object, b: object) -> None:
+    """Two :meth:`RasterSource.sample_summary` results are the same: counts, or values in the same order."""
+    assert type(a) is type(b)
+    if isinstance(a, tuple):
+        assert a[0] == b[0] and a[1].dtype == b[1].dtype and np.array_equal(a[1], b[1])  # type: ignore[index]
+    else:
+        assert a.dtype == b.dtype and np.array_equal(a, b)  # type: ignore[union-attr]
+
+
+def sampled_both_ways(path: Path, channels: int = 1) -> tuple[list, list, RasterSource]:
+    """Every sample job's summary from the blocks and through GDAL (the source is left open)."""
+    src = RasterSource(path, channels=channels)
+    layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+    assert not isinstance(layout, str), layout
+    sampler = BlockSampler(src, layout)
+    jobs = src.sample_plan()
+    assert len(jobs) > 1 and all(len(cols) == 1 for _, _, cols in jobs)  # a grid of windows, not the decimated scene
+    return [sampler(job) for job in jobs], [src.sample_summary(job) for job in jobs], src
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+@pytest.mark.parametrize("predictor", [1, 2])
+@pytest.mark.parametrize("block", [128, 256])
+def test_block_sampler_gives_gdals_sample_and_stretch(tmp_path: Path, dtype: str, predictor: int, block: int) -> None:
+    # wider than 2048 px: a grid of 256 px windows. Blocks of 128 put windows across 3 x 3 blocks and
+    # into the padded blocks of the bottom edge; blocks of 256 hold one window each
+    path = write(tmp_path / "s.tif", scene(dtype, (1, 700, 2400), seed=predictor), predictor=predictor,
+                 blockxsize=block, blockysize=block)
+    blocks, gdal, src = sampled_both_ways(path)
+    with src:
+        windows = [(y, x) for y, _, [(x, _)] in src.sample_plan()]
+        if block == 128:
+            assert any(y % 128 and x % 128 for y, x in windows)  # across 3 x 3 blocks
+            assert any(y + 256 > 700 // 128 * 128 for y, _ in windows)  # into the bottom row of blocks, padded in the file
+        else:
+            assert all(y % 256 == 0 and x % 256 == 0 for y, x in windows)  # snapped into one block each
+        for a, b in zip(blocks, gdal):
+            assert_same_summary(a, b)
+        assert isinstance(gdal[0], tuple)  # 8/16-bit values are counted
+        assert sum(int(c.sum()) for _, c in gdal) == len(gdal) * 256 * 256
+        assert src.scale_info(blocks) == src.scale_info(gdal)
+        if dtype != "uint8":  # uint8 is divided by 255: no stretch to compare
+            assert src.scale_info(blocks).method == "percentile"
+
+
+def test_block_sampler_luminance_of_pixel_interleaved_rgb(tmp_path: Path) -> None:
+    path = write(tmp_path / "rgb.tif", scene("uint8", (3, 150, 2400), seed=4), photometric="rgb", interleave="pixel", predictor=2)
+    blocks, gdal, src = sampled_both_ways(path, channels=1)
+    with src:
+        assert src.plan.combine == "luminance"
+        assert isinstance(gdal[0], np.ndarray) and gdal[0].dtype == np.float32 and gdal[0].size == 150 * 256
+        for a, b in zip(blocks, gdal):
+            assert_same_summary(a, b)
+
+
+def test_block_sampler_uncompressed(tmp_path: Path) -> None:
+    path = write(tmp_path / "raw.tif", scene("uint16", (1, 600, 2200), seed=5), compress="none", blockxsize=128, blockysize=128)
+    blocks, gdal, src = sampled_both_ways(path)
+    with src:
+        assert block_layout(str(src.path), src.width, src.height, src.dtype, src.count).compression == "none"
+        for a, b in zip(blocks, gdal):
+            assert_same_summary(a, b)
+        assert src.scale_info(blocks) == src.scale_info(gdal)
+
+
+def test_block_sampler_leaves_the_decimated_whole_scene_to_gdal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 700, 900), seed=6))  # at most 2048 px: one decimated read
+    with RasterSource(path) as src:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        [job] = src.sample_plan()
+        assert job[2] == []
+        monkeypatch.setattr(BlockFile, "read", lambda *a: pytest.fail("the decimated scene was read from the blocks"))
+        assert_same_summary(BlockSampler(src, layout)(job), src.sample_summary(job))
+
+
+def test_block_sampler_names_a_corrupt_block(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 512, 2304), seed=7))
+    with RasterSource(path) as src:
+        x = next(cols[0][0] for y, _, cols in src.sample_plan() if y < 256)  # the first window, in block row 0
+    layout = damaged(path, (0, x // 256), 2, b"\xff" * 38)  # a valid zlib header, then no DEFLATE stream
+    with RasterSource(path) as src:
+        job = next(j for j in src.sample_plan() if j[2][0][0] == x and j[0] < 256)
+        with pytest.raises(InputError, match=rf"s.tif: block {x // 256},0 \(column, row\) does not inflate"):
+            BlockSampler(src, layout)(job)
+
+
+def test_block_sampler_from_many_threads(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.tif", scene("int16", (1, 600, 2400), seed=8), predictor=2, blockxsize=128, blockysize=128)
+    with RasterSource(path) as src, ThreadPoolExecutor(8) as pool:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        jobs = src.sample_plan() * 4
+        threaded = list(pool.map(BlockSampler(src, layout), jobs))
+        for a, job in zip(threaded, jobs):
+            assert_same_summary(a, src.sample_summary(job))

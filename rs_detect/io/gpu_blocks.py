@@ -17,6 +17,11 @@ With ``decoder`` (:class:`~rs_detect.io.tiff_blocks.NvcompDecoder`, ``--reader n
 to the GPU compressed and nvCOMP inflates them there instead; measured slower on the benchmark
 scenes and it takes the engine's SMs (docs/benchmarks.md). Uncompressed blocks are read into place.
 
+Before all of these, the reader threads read the stretch's sample windows from the blocks too
+(:class:`BlockSampler`: libdeflate and numpy on the CPU, the same values as GDAL's sample),
+so they open no GDAL handle. A scene with overviews, or of at most 2048 px, is sampled by one
+decimated GDAL read instead: one handle, opened by the thread that runs it.
+
 The batch reaches the engine as a :class:`~rs_detect.types.RawBatch` already on the device, with an
 event that the engine's stream waits for. Pixels are exactly those GDAL decodes (tested against the
 GDAL reader). Steps 2 and 3 are written on torch tensors of any device, so the tests run the same
@@ -36,12 +41,16 @@ import torch
 
 from rs_detect.dtypes import torch_dtype
 from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockInflateError, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder,
-                                      block_error, block_layout, inflater_name, nvcomp_available, undo_predictor)
+                                      block_error, block_layout, inflater_name, nvcomp_available, undo_predictor,
+                                      undo_predictor_host)
 from rs_detect.io.prefetch import window_batches
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
-__all__ = ["BlockFile", "BlockLayout", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "block_layout", "gpu_read_plan",
-           "gpu_window_batches", "inflater_name", "scene_batches"]
+__all__ = ["BlockFile", "BlockLayout", "BlockSampler", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "block_layout",
+           "gpu_read_plan", "gpu_window_batches", "inflater_name", "scene_batches"]
+
+SampleJob = tuple[int, int, list[tuple[int, int]]]  # RasterSource.sample_plan's (row_off, height, [(col_off, width), ...])
+Summary = np.ndarray | tuple[int, np.ndarray]  # RasterSource.sample_summary's: the values, or their counts
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +290,72 @@ def _batch(reader: GpuBlockReader, group: list[Tile], size: int, stream: torch.c
             ready = torch.cuda.Event()
             ready.record(stream)
     return RawBatch(data, valid, tuple(group), ready=ready)
+
+
+# -- the stretch's sample ----------------------------------------------------------------------------
+
+
+class BlockSampler:
+    """The stretch's sample jobs (:meth:`RasterSource.sample_plan`) read from the blocks, summarised as
+    :meth:`RasterSource.sample_summary` summarises GDAL's reads of the same windows: the same pixels,
+    so the same stretch. A scene on this path then needs no GDAL handle in its reader threads: on an
+    H100 host, opening one for each of 15 threads (about 1 ms each) and GDAL's sample reads were a
+    good part of the 56 ms the first batch of a 32768² scene waited. Each window's blocks are read and
+    inflated (libdeflate) as the tiles' are, and the predictor undone in numpy.
+
+    Called by many reader threads at once: each call opens the file on its own (a :class:`BlockFile`
+    reads gaps and checksums into a scratch buffer it keeps, which threads must not share)."""
+
+    def __init__(self, src, layout: BlockLayout) -> None:
+        self.src, self.layout = src, layout
+        self.bands = [i - 1 for i in src.plan.indexes]  # the plan's bands, in its order
+        self._inflate = HostInflater(layout.block_bytes) if layout.compression == "deflate" else None
+
+    def __call__(self, job: SampleJob) -> Summary:
+        y, h, cols = job
+        if len(cols) != 1:
+            # an empty window list is the decimated whole scene (a scene with overviews, or of at most
+            # 2048 px): GDAL reads it from the overviews, or decimates; one job, so one handle in one
+            # thread. Several windows (a grid row of a striped file) never come here: the file is tiled
+            return self.src.sample_summary(job)
+        (x, w), = cols
+        file = BlockFile(self.layout)
+        try:
+            window = self.window(file, y, h, x, w)
+        finally:
+            file.close()
+        return self.src.summarize(window)
+
+    def window(self, file: BlockFile, y: int, h: int, x: int, w: int) -> np.ndarray:
+        """Scene pixels [y, y + h) x [x, x + w) as [plan bands, h, w] in the file's dtype: one read of the
+        blocks under the window per row of blocks it touches."""
+        L = self.layout
+        cols = L.grid[1]
+        r0, r1 = y // L.tile_h, (y + h - 1) // L.tile_h
+        c0, c1 = x // L.tile_w, (x + w - 1) // L.tile_w
+        n = c1 - c0 + 1
+        rows = []
+        for r in range(r0, r1 + 1):
+            px = undo_predictor_host(self._blocks(file, slice(r * cols + c0, r * cols + c1 + 1)), L)  # [n, th, tw, samples]
+            rows.append(px.transpose(3, 1, 0, 2).reshape(L.samples, L.tile_h, n * L.tile_w))
+        px = np.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+        dy, dx = y - r0 * L.tile_h, x - c0 * L.tile_w
+        px = px[:, dy : dy + h, dx : dx + w]
+        return px[self.bands] if L.samples > 1 else px
+
+    def _blocks(self, file: BlockFile, blocks: slice) -> np.ndarray:
+        """``blocks`` (contiguous in row-major order), decoded: uint8 [n, block_bytes], predictor not undone."""
+        L = self.layout
+        buf = np.empty(file.size(blocks), dtype=np.uint8)
+        starts, lens = file.read(blocks, buf)
+        if self._inflate is None:  # uncompressed: slots of whole blocks, back to back (as GpuBlockReader._decode takes them)
+            return buf[: len(starts) * L.block_bytes].reshape(len(starts), L.block_bytes)
+        out = np.empty((len(starts), L.block_bytes), dtype=np.uint8)
+        try:
+            self._inflate(buf, starts, lens, out)
+        except BlockInflateError as exc:
+            raise block_error(L, (blocks.start or 0) + exc.index, exc.why) from None
+        return out
 
 
 def scene_batches(src, tiles: Iterable[Tile], mode: str, device: torch.device, read_stream: torch.cuda.Stream | None,
