@@ -412,6 +412,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     from rs_detect.config import auto_prefetch, cutter_threads
+    from rs_detect.executor import measure_scale
     from rs_detect.io.gpu_blocks import scene_batches
     from rs_detect.io.prefetch import reset_slab_peak, slab_memory
     from rs_detect.io.reader import RasterSource
@@ -430,22 +431,27 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for rep in range(args.repeat + 1):  # the first pass warms the page cache, the CUDA context and the allocator
         t_open = time.perf_counter()
-        src = RasterSource(args.scene, channels=1, handles=args.threads)
-        scale = src.scale
-        t_ready = time.perf_counter()
+        src = RasterSource(args.scene, channels=1)
         readers = ThreadPoolExecutor(args.threads, thread_name_prefix="rs-read")
         cutters = ThreadPoolExecutor(cutter_threads(args.threads), thread_name_prefix="rs-cut")
-        stream = torch.cuda.Stream(device=dev) if cuda else None
-        norm = Normalizer(src, dev, torch.float16 if cuda else torch.float32, 0.0, scale=scale, upload_stream=stream)
         tiles = iter_tiles(src.width, src.height, size, overlap, src.transform)
         read_stream = torch.cuda.Stream(device=dev) if cuda else None
+        # as the executor starts a scene: the reading path, the GDAL handles only where its threads read
+        # through GDAL, and the stretch's sample read by that path in the reader threads
+        path = scene_batches(src, tiles, args.reader, dev, read_stream, readers, cutters, args.batch, size, cuda,
+                             args.prefetch or auto_prefetch(args.device, args.batch), args.threads, size - overlap)
+        if path.needs_handles:
+            src.open_handles(args.threads)
+        scale = measure_scale(src, readers, sample=path.sample).result()
+        t_ready = time.perf_counter()
+        stream = torch.cuda.Stream(device=dev) if cuda else None
+        norm = Normalizer(src, dev, torch.float16 if cuda else torch.float32, 0.0, scale=scale, upload_stream=stream)
         n = 0
         reset_slab_peak()
         cpu = ThreadCpu().__enter__()
         t0 = time.perf_counter()
-        batches, reader = scene_batches(src, tiles, args.reader, dev, read_stream, readers, cutters, args.batch, size, cuda,
-                                        args.prefetch or auto_prefetch(args.device, args.batch), args.threads, size - overlap)
-        for item in batches:
+        reader = path.label
+        for item in path.batches:
             if isinstance(item, SkippedTile):
                 n += 1
                 continue

@@ -4,10 +4,12 @@ Every other stage is a synchronous call that starts no thread (reader, cutter, n
 decode, stitch); this module decides which thread runs which, bounds what waits between them, and
 stops them all, in one order, on success, on error and on Ctrl-C. The flow of one scene::
 
-    main thread      open RasterSource (N+1 handles) --- start pools ------------------------------+
+    main thread      open RasterSource (1 handle) --- start pools --- pick the reading path ------+
+                     (scene_batches); on the GDAL path, N more handles for the reader threads     |
                                                                                                   |
     rs-read  x N     [stretch sample jobs]  [slab part decodes: RasterSource.read_raw into slabs] |
-                        |  the thread that ends the last sample job computes the stretch          |
+                        |  through GDAL, or on the block reader's path from the blocks            |
+                        |  (BlockSampler); the thread that ends the last one computes the stretch |
                         v                          v (each cut waits for its slab parts)          |
     rs-cut   x M                               SlabReader.cut: window -> slot of a (pinned) batch |
                                                    |                                              |
@@ -51,7 +53,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -98,13 +100,15 @@ def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def measure_scale(src: RasterSource, pool: ThreadPoolExecutor) -> Future[ScaleInfo]:
+def measure_scale(src: RasterSource, pool: ThreadPoolExecutor,
+                  sample: Callable[[tuple[int, int, list[tuple[int, int]]]], object] | None = None) -> Future[ScaleInfo]:
     """The scene's stretch, measured by ``pool``'s threads while the first tiles decode.
 
     One job per sample window (or grid row) is queued now, ahead of any tile; each counts its own
     values, and the thread that ends the last one adds the counts up and sets the result: nobody waits
     for it, and the first batch, which needs it, finds it ready. Scalings that need no sample are
-    resolved at once.
+    resolved at once. ``sample`` reads and summarises one job (the reading path's:
+    :class:`~rs_detect.io.gpu_blocks.ScenePath`); by default ``src.sample_summary``, through GDAL.
     """
     out: Future[ScaleInfo] = Future()
     if not src.needs_statistics():
@@ -113,7 +117,7 @@ def measure_scale(src: RasterSource, pool: ThreadPoolExecutor) -> Future[ScaleIn
         except Exception as exc:  # e.g. fixed scaling with low >= high: raised where the result is asked for
             out.set_exception(exc)
         return out
-    jobs = [pool.submit(src.sample_summary, job) for job in src.sample_plan()]
+    jobs = [pool.submit(sample or src.sample_summary, job) for job in src.sample_plan()]
     lock, left = threading.Lock(), [len(jobs)]
 
     def ended(_: Future[object]) -> None:
@@ -267,8 +271,10 @@ class SceneExecutor:
         with rasterio.Env(GDAL_CACHEMAX=ex.gdal_cachemax_mb) if ex.gdal_cachemax_mb else nullcontext():
             t_open = time.perf_counter()
             stats.add_time("setup", t_open - start)
+            # one handle, for the header: the reader threads' own are opened once the reading path is known
+            # (_infer_scene), and only where they read through GDAL
             src = RasterSource(scene, channels=sp.channels, bands=sp.bands, scale=sp.scale, fill_value=sp.nodata_fill,
-                               handles=ex.read_threads)
+                               handles=0)
             stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing
             try:
                 with _Threads(ex) as threads:
@@ -308,12 +314,18 @@ class SceneExecutor:
         """Read, infer and decode every tile (main thread: upload and inference); the detections of each batch."""
         plan, ex = self.plan, self.plan.execution
         tiling, eng = plan.tiling, plan.engine
-        scale_job = measure_scale(src, threads.readers)  # queued ahead of any tile
         stats.tiles_total = tile_count(src.width, src.height, tiling.tile_size, tiling.overlap)
         tiles = iter_tiles(src.width, src.height, tiling.tile_size, tiling.overlap, src.transform)
-        batches, stats.reader = scene_batches(src, tiles, ex.reader, self.engine.device, self._read_stream, threads.readers,
-                                              threads.cutters, eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead,
-                                              ex.read_threads, tiling.stride)
+        # the reading path first: it says how the stretch's sample is read and whether the reader threads
+        # need GDAL handles. Its batches queue nothing until the producer thread starts them below
+        path = scene_batches(src, tiles, ex.reader, self.engine.device, self._read_stream, threads.readers, threads.cutters,
+                             eng.batch_size, eng.imgsz, ex.pin_memory, ex.read_ahead, ex.read_threads, tiling.stride)
+        stats.reader = path.label
+        if path.needs_handles:
+            t0 = time.perf_counter()
+            src.open_handles(ex.read_threads)
+            stats.add_time("open", time.perf_counter() - t0)
+        scale_job = measure_scale(src, threads.readers, sample=path.sample)  # queued ahead of any tile
         norm: Normalizer | None = None
         parts: list[Detections] = []
         bar = tqdm(total=stats.tiles_total, unit="tile", desc=src.name, disable=not progress,
@@ -332,7 +344,7 @@ class SceneExecutor:
         trim = HeapTrimmer()
         with bar:
             t_wait = time.perf_counter()
-            for item in threads.produce(batches):
+            for item in threads.produce(path.batches):
                 waited = time.perf_counter() - t_wait
                 stats.add_time("wait_for_reader", waited)
                 if "first_batch" not in stats.stage_seconds:

@@ -336,3 +336,19 @@ def test_block_sampler_from_many_threads(tmp_path: Path) -> None:
         threaded = list(pool.map(BlockSampler(src, layout), jobs))
         for a, job in zip(threaded, jobs):
             assert_same_summary(a, src.sample_summary(job))
+
+
+@pytest.mark.parametrize("mode", ["blocks", "gdal"])
+def test_scene_batches_says_how_its_path_samples_and_whether_it_needs_handles(tmp_path: Path, mode: str) -> None:
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 600, 2400), seed=9), predictor=2)
+    with RasterSource(path) as src, ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(2) as cutters:
+        tiles = iter_tiles(src.width, src.height, 512, 64, src.transform)
+        chosen = gpu_blocks.scene_batches(src, tiles, mode, torch.device("cpu"), None, pool, cutters, 2, 512, False, 2, 2, 448)
+        if mode == "blocks":
+            assert isinstance(chosen.sample, BlockSampler) and not chosen.needs_handles
+            assert chosen.label.startswith("blocks, ")
+        else:
+            assert chosen.sample == src.sample_summary and chosen.needs_handles and chosen.label == "GDAL"
+        parts = [chosen.sample(job) for job in src.sample_plan()]
+        assert src.scale_info(parts) == src.scale_info()
+        assert sum(b.size for b in chosen.batches) == len(list(iter_tiles(src.width, src.height, 512, 64, src.transform)))

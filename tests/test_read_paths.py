@@ -4,13 +4,16 @@ path's code, run here on the CPU with zlib for nvCOMP) give the same boxes and s
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import FakeEngine, paint, planted_grid, write_tif
 from rs_detect.config import SAMPLE_MODEL, Config
 from rs_detect.engines import load_engine
+from rs_detect.io.reader import RasterSource
 from rs_detect.pipeline import ScenePipeline
 from rs_detect.types import ScaleConfig
 
@@ -39,6 +42,43 @@ def test_uint16_scene_same_detections_on_both_paths(tmp_path: Path) -> None:
     assert len(gdal.frame) >= 10  # the planted objects are found at all
     assert_same_detections(gdal, blocks)
     assert blocks.metadata["reader"] == blocks.stats.reader
+
+
+def test_stretched_scene_same_stretch_and_detections_and_no_gdal_handles_on_the_block_path(tmp_path: Path,
+                                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scene wider than 2048 px is stretched from a grid of sample windows: the block reader reads them
+    from the blocks (no GDAL sample read, no GDAL handle but the one that read the header) and gets
+    the stretch GDAL's sample gives."""
+    rng = np.random.default_rng(11)
+    img = (rng.gamma(2.0, 300.0, (640, 2304)) + 200).astype(np.uint16)
+    img[paint((640, 2304), planted_grid()) > 0] = 6000  # bright objects for the engine to find
+    scene = write_tif(tmp_path / "u16.tif", img, predictor=2, blockxsize=128, blockysize=128)
+    opened: list[str] = []
+    sampled: list[str] = []
+    real_open, real_sample = RasterSource._open, RasterSource._sample_part
+
+    def count_open(self: RasterSource) -> object:
+        opened.append(threading.current_thread().name)
+        return real_open(self)
+
+    def count_sample(self: RasterSource, job: object) -> object:
+        sampled.append(threading.current_thread().name)
+        return real_sample(self, job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RasterSource, "_open", count_open)
+    monkeypatch.setattr(RasterSource, "_sample_part", count_sample)
+    cfg = dict(tile_size=512, overlap=64, read_threads=3, batch_size=2)
+    gdal = run(FakeEngine(512), Config(**cfg, reader="gdal"), scene)
+    assert len(opened) == 1 + 3 and len(sampled) == 8 * 8  # the header's handle and one per reader thread; the grid's windows
+    opened.clear()
+    sampled.clear()
+    blocks = run(FakeEngine(512), Config(**cfg, reader="blocks"), scene)
+    assert blocks.stats.reader.startswith("blocks, deflate + predictor, ")
+    assert opened == ["MainThread"] and not sampled
+    assert blocks.scale == gdal.scale and blocks.scale is not None and blocks.scale.method == "percentile"
+    assert blocks.metadata["scale"] == gdal.metadata["scale"]
+    assert len(gdal.frame) >= 1
+    assert_same_detections(gdal, blocks)
 
 
 def test_demo_scene_same_detections_on_both_paths() -> None:

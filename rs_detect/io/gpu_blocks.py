@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockInflateError
 from rs_detect.io.prefetch import window_batches
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
-__all__ = ["BlockFile", "BlockLayout", "BlockSampler", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "block_layout",
+__all__ = ["BlockFile", "BlockLayout", "BlockSampler", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "ScenePath", "block_layout",
            "gpu_read_plan", "gpu_window_batches", "inflater_name", "scene_batches"]
 
 SampleJob = tuple[int, int, list[tuple[int, int]]]  # RasterSource.sample_plan's (row_off, height, [(col_off, width), ...])
@@ -358,22 +359,34 @@ class BlockSampler:
         return out
 
 
+class ScenePath(NamedTuple):
+    """How :func:`scene_batches` reads a scene."""
+
+    batches: Iterator[RawBatch | SkippedTile]  # a generator: it queues nothing on the pools until first iterated
+    label: str  # the path in words, for the summary line and the metadata
+    sample: Callable[[SampleJob], Summary]  # one stretch sample job -> its summary (any reader thread)
+    needs_handles: bool  # the reader threads read through GDAL: open their handles up front (RasterSource.open_handles)
+
+
 def scene_batches(src, tiles: Iterable[Tile], mode: str, device: torch.device, read_stream: torch.cuda.Stream | None,
                   readers: ThreadPoolExecutor, cutters: ThreadPoolExecutor, batch_size: int, size: int, pin: bool,
-                  read_ahead: int, read_threads: int, stride: int) -> tuple[Iterator[RawBatch | SkippedTile], str]:
-    """The scene's batches by the reading path ``mode`` picks for it (:func:`gpu_read_plan`), and that
-    path in words for the summary line and the metadata (e.g. "blocks, deflate, libdeflate, cut on
-    the GPU", "GDAL (striped, not tiled)"). ``read_stream``: the block reader's CUDA stream (None on
-    the CPU); the rest are :func:`~rs_detect.io.prefetch.window_batches`' settings."""
+                  read_ahead: int, read_threads: int, stride: int) -> ScenePath:
+    """The scene's batches by the reading path ``mode`` picks for it (:func:`gpu_read_plan`), that path
+    in words for the summary line and the metadata (e.g. "blocks, deflate, libdeflate, cut on the
+    GPU", "GDAL (striped, not tiled)"), how that path reads the stretch's sample (from the blocks,
+    :class:`BlockSampler`, or through GDAL) and whether its reader threads need GDAL handles.
+    ``read_stream``: the block reader's CUDA stream (None on the CPU); the rest are
+    :func:`~rs_detect.io.prefetch.window_batches`' settings."""
     layout, why = gpu_read_plan(src, device, mode)
     cuda = device.type == "cuda"
     if layout is None:
         if mode in ("blocks", "nvcomp"):
             log.warning("%s: read by GDAL: the block reader does not take it (%s)", src.name, why)
         batches = window_batches(src, tiles, readers, batch_size, size, pin, read_ahead, read_threads, cutters, stride=stride)
-        return batches, f"GDAL ({why})" if cuda else "GDAL"
+        return ScenePath(batches, f"GDAL ({why})" if cuda else "GDAL", src.sample_summary, True)
     nvcomp = mode == "nvcomp" and layout.compression == "deflate" and read_stream is not None
     decoder = NvcompDecoder(device, read_stream) if nvcomp else None  # type: ignore[arg-type]
     where = "nvCOMP" if nvcomp else inflater_name() if layout.compression == "deflate" else "raw"
     label = f"blocks, {layout.codec}, {where}" + (", cut on the GPU" if cuda else "")
-    return gpu_window_batches(src, layout, tiles, readers, batch_size, size, device, read_stream, decoder=decoder), label
+    batches = gpu_window_batches(src, layout, tiles, readers, batch_size, size, device, read_stream, decoder=decoder)
+    return ScenePath(batches, label, BlockSampler(src, layout), False)
