@@ -271,6 +271,49 @@ class ThreadCpu:
                 "by_thread_kind_s": {k: round(v, 3) for k, v in sorted(self.by_kind.items(), key=lambda kv: -kv[1])}}
 
 
+class ProducerTimes:
+    """Seconds the block reader's producer thread spent, inside a block: waiting for each group's reads
+    and inflates and uploading it (``GpuBlockReader._decode``), and cutting batches (``cut``)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[float, float]]] = {"decode": [], "cut": []}
+
+    def __enter__(self) -> ProducerTimes:
+        from rs_detect.io import gpu_blocks
+
+        self._cls = gpu_blocks.GpuBlockReader
+        self._saved = {name: getattr(self._cls, "_decode" if name == "decode" else name) for name in self.calls}
+        t_zero = time.perf_counter()
+        for name, fn in self._saved.items():
+            def timed(*a: Any, _fn: Any = fn, _out: list = self.calls[name], **k: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    _out.append((round(t - t_zero, 4), round(time.perf_counter() - t, 4)))
+            setattr(self._cls, "_decode" if name == "decode" else name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self._saved.items():
+            setattr(self._cls, "_decode" if name == "decode" else name, fn)
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, calls in self.calls.items():
+            d = [c[1] for c in calls]
+            out[name] = {"calls": len(d), "total_s": round(sum(d), 3), "max_s": max(d) if d else None,
+                         "slowest": sorted(calls, key=lambda c: -c[1])[:5]}
+        return out
+
+
+def waits_report(waits: list[tuple[float, float]]) -> dict[str, Any]:
+    """The engine's waits for the reader: their sum, the first batch's, and the largest others (when, how long)."""
+    rest = waits[1:]
+    return {"batches": len(waits), "total_s": round(sum(w for _, w in waits), 3), "first_s": waits[0][1] if waits else None,
+            "over_1ms": sum(1 for _, w in rest if w > 0.001), "largest": sorted(rest, key=lambda x: -x[1])[:8]}
+
+
 class GpuSampler:
     """Mean GPU utilisation while a block runs (NVML), or None where there is no GPU."""
 
@@ -366,7 +409,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         mark("warmup_run")
     rss_before = peak_rss_mb()
     reset_slab_peak()
-    with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu:
+    with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu, ProducerTimes() as producer:
         t0 = time.perf_counter()
         result = pipe.run(scene)
         seconds = time.perf_counter() - t0
@@ -396,7 +439,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "slab_peak_mb": round(slab_peak, 1), "at_run_peak": trace.at_peak, "marks": marks,
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
-        "cpu": cpu.report(), "inflate": args.inflate,
+        "cpu": cpu.report(), "inflate": args.inflate, "producer": producer.report(),
+        "reader_waits": waits_report(result.stats.reader_waits),
     }
 
 
