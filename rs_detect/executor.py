@@ -48,6 +48,7 @@ does :meth:`SceneExecutor.run` close the dataset: no thread reads a dataset that
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
@@ -55,7 +56,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -63,8 +64,8 @@ import torch
 from tqdm import tqdm
 
 from rs_detect import __version__
-from rs_detect.dtypes import torch_dtype
-from rs_detect.engines.base import Engine
+from rs_detect.dtypes import pixel_torch_dtype, torch_dtype
+from rs_detect.engines.base import Engine, SceneLike
 from rs_detect.gdal_messages import route_this_thread
 from rs_detect.georef import coordinates_label
 from rs_detect.io.location import scene_path
@@ -80,6 +81,23 @@ from rs_detect.types import Detections, RawBatch, RunStats, ScaleInfo, SkippedTi
 
 T = TypeVar("T")
 _DONE = object()
+
+
+@contextmanager
+def _quiet_this_thread() -> Iterator[None]:
+    """The reader's own warnings (georeferencing, band choice: logger ``rs_detect.io.reader``) dropped in
+    this thread only: a scene opened for a look at its header warns once, when the run opens it."""
+    me = threading.get_ident()
+
+    def other_threads(record: logging.LogRecord) -> bool:
+        return record.thread != me
+
+    logger = logging.getLogger("rs_detect.io.reader")
+    logger.addFilter(other_threads)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other_threads)
 
 
 def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
@@ -245,7 +263,10 @@ class _Threads:
 class SceneExecutor:
     """Runs scenes through one loaded engine with one resolved plan (load once, run many)."""
 
-    def __init__(self, plan: RunPlan, engine: Engine, warmup: bool = True) -> None:
+    def __init__(self, plan: RunPlan, engine: Engine, warmup: bool = True, like: Path | None = None) -> None:
+        """``warmup``: prepare the engine now (:meth:`warm_up`, for scenes ``like`` the one given); False
+        leaves it to the caller, e.g. in another thread while the first scene opens (``run``'s
+        ``engine_ready``)."""
         self.plan, self.engine, self.meta = plan, engine, engine.meta
         self.thresholds = Thresholds(plan, self.meta)
         self.decoder = TileDecoder(plan, self.meta, self.thresholds)
@@ -257,9 +278,36 @@ class SceneExecutor:
             self._decode_stream = torch.cuda.Stream(device=engine.device)
             self._read_stream = torch.cuda.Stream(device=engine.device)  # the GPU reading path's decodes and cuts
         if warmup:
-            engine.warmup(plan.engine.batch_size)  # e.g. the CUDA graph is captured here, not in the first scene
+            self.warm_up(like)
 
-    def run(self, scene: Path, output: Path | None = None, progress: bool = False) -> SceneResult:
+    def warm_up(self, like: Path | None = None) -> None:
+        """Prepare the engine for the plan's batches (on CUDA its graph is captured here, not in the first
+        scene). With ``like``, a scene whose batches the coming ones resemble (its dtype and bands), the
+        graph captured is the one such a scene runs: scaling and model together."""
+        hint = self.scene_like(like) if like is not None and self.engine.device.type == "cuda" else None  # a CPU engine captures nothing
+        self.engine.warmup(self.plan.engine.batch_size, hint)
+
+    def scene_like(self, scene: Path) -> SceneLike | None:
+        """What ``scene``'s batches will look like, from its header (None where it cannot be told: the run
+        then reports what is wrong with the scene, in its own words, and once)."""
+        sp = self.plan.scaling
+        try:
+            with _quiet_this_thread(), RasterSource(scene_path(scene), channels=sp.channels, bands=sp.bands, scale=sp.scale,
+                                                     fill_value=sp.nodata_fill) as src:
+                norm = Normalizer(src, self.engine.device, torch_dtype(self.engine.input_dtype), sp.nodata_fill,
+                                  scale=ScaleInfo("fixed", 0.0, 1.0), upload_stream=self._upload_stream)
+                return SceneLike(norm, pixel_torch_dtype(src.dtype), len(src.plan.indexes))
+        except Exception:  # noqa: BLE001 - any problem with the scene is the run's to report
+            return None
+
+    def run(self, scene: Path, output: Path | None = None, progress: bool = False,
+            engine_ready: Callable[[], object] | None = None) -> SceneResult:
+        """Detect in ``scene``, write ``output`` (temporary name, then renamed) if given.
+
+        ``engine_ready``: waited for just before the first inference (e.g. the warm-up, still running in
+        another thread): the scene opens and its first batches decode meanwhile. The time waited is
+        not the scene's: it is left out of the reported seconds (stage ``wait_for_engine``).
+        """
         start = time.perf_counter()
         scene = scene_path(scene)  # a URL or /vsi path stays as written
         if output is not None:
@@ -278,7 +326,7 @@ class SceneExecutor:
             stats.add_time("open", time.perf_counter() - t_open)  # header and georeferencing
             try:
                 with _Threads(ex) as threads:
-                    parts, scale = self._infer_scene(src, threads, stats, progress)
+                    parts, scale = self._infer_scene(src, threads, stats, progress, engine_ready)
                 # every thread is done with the dataset now; it closes in the finally below
                 t0 = time.perf_counter()
                 merged = stitch_scene(parts, self.plan, self.meta, self.thresholds)
@@ -298,7 +346,7 @@ class SceneExecutor:
         names = self.meta.names
         for cid in merged.class_ids.tolist():
             stats.per_class[names[cid]] = stats.per_class.get(names[cid], 0) + 1
-        stats.seconds = time.perf_counter() - start
+        stats.seconds = time.perf_counter() - start - stats.stage_seconds.get("wait_for_engine", 0.0)
         facts["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
         facts["coordinates"] = coordinates_label(frame.crs)  # "native" when a CRS had no way to WGS84
         facts["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
@@ -307,11 +355,13 @@ class SceneExecutor:
             t0 = time.perf_counter()
             write_detections(frame, output, meta)
             stats.add_time("write", time.perf_counter() - t0)
-            stats.seconds = time.perf_counter() - start
+            stats.seconds = time.perf_counter() - start - stats.stage_seconds.get("wait_for_engine", 0.0)
         return SceneResult(scene, output, frame, merged, stats, meta, self.plan, band_plan, scale)
 
-    def _infer_scene(self, src: RasterSource, threads: _Threads, stats: RunStats, progress: bool) -> tuple[list[Detections], ScaleInfo]:
+    def _infer_scene(self, src: RasterSource, threads: _Threads, stats: RunStats, progress: bool,
+                     engine_ready: Callable[[], object] | None = None) -> tuple[list[Detections], ScaleInfo]:
         """Read, infer and decode every tile (main thread: upload and inference); the detections of each batch."""
+        t_scene = time.perf_counter()
         plan, ex = self.plan, self.plan.execution
         tiling, eng = plan.tiling, plan.engine
         stats.tiles_total = tile_count(src.width, src.height, tiling.tile_size, tiling.overlap)
@@ -347,6 +397,7 @@ class SceneExecutor:
             for item in threads.produce(path.batches):
                 waited = time.perf_counter() - t_wait
                 stats.add_time("wait_for_reader", waited)
+                stats.reader_waits.append((round(t_wait - t_scene, 4), round(waited, 4)))
                 if "first_batch" not in stats.stage_seconds:
                     stats.add_time("first_batch", waited)  # the engine's idle start: part of wait_for_reader
                 if isinstance(item, SkippedTile):
@@ -355,6 +406,10 @@ class SceneExecutor:
                     t_wait = time.perf_counter()
                     continue
                 if norm is None:  # the stretch is ready by now, or soon: its sample jobs were queued first
+                    if engine_ready is not None:
+                        t0 = time.perf_counter()
+                        engine_ready()
+                        stats.add_time("wait_for_engine", time.perf_counter() - t0)
                     norm = Normalizer(src, self.engine.device, torch_dtype(self.engine.input_dtype), plan.scaling.nodata_fill,
                                       scale=scale_job.result(), upload_stream=self._upload_stream)
                 t0 = time.perf_counter()

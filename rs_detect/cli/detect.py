@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -68,23 +69,34 @@ def detect(scene: Path, output: Path | None, model: Path | None, config_path: Pa
         with no_gc():
             loader = import_loader(model_path)  # here, not in the loading thread
 
-        def prepare() -> tuple[Any, Any]:
-            """Load the engine, resolve the plan and (for a run) warm the engine up: its own thread."""
-            engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
-            plan = resolve_plan(cfg, engine, model_path, file_sha256(model_path) if model_path.is_file() else None)
-            return plan, None if dry_run is not None else SceneExecutor(plan, engine)
+        planned: Future[tuple[Any, Any]] = Future()
 
-        # the engine loads (and, on a GPU, initialises CUDA and captures its graph) while this thread
-        # imports what georeferences and writes the detections, which the scene needs only at its end
+        def prepare() -> None:
+            """Load the engine and resolve the plan (handed over through ``planned``), then, for a run,
+            warm the engine up for this scene: its own thread."""
+            try:
+                engine = load_engine(model_path, device=str(cfg.device), model_yaml=model_yaml)
+                plan = resolve_plan(cfg, engine, model_path, file_sha256(model_path) if model_path.is_file() else None)
+                executor = None if dry_run is not None else SceneExecutor(plan, engine, warmup=False)
+            except BaseException as exc:
+                planned.set_exception(exc)
+                raise
+            planned.set_result((plan, executor))
+            if executor is not None:
+                executor.warm_up(like=scene)
+
+        # the engine loads (and, on a GPU, initialises CUDA) while this thread imports what georeferences
+        # and writes the detections, which the scene needs only at its end; the warm-up (on a GPU, the
+        # CUDA graph's capture) goes on while the scene opens and its first batches decode
         loading = InBackground(prepare, name="rs-load", thread=loader.loads_in_any_thread)
         if dry_run is None:
             with no_gc():
                 import_output_modules(preview_path is not None)
-        plan, executor = loading.result()
+        plan, executor = planned.result()  # an error of the loading thread is raised here
         if dry_run is not None:
             click.echo(plan.dumps(dry_run).rstrip())
             return
-        result = executor.run(scene, out, progress=not quiet and sys.stderr.isatty())
+        result = executor.run(scene, out, progress=not quiet and sys.stderr.isatty(), engine_ready=loading.result)
         if not quiet:
             click.echo(result.summary())
         if preview_path is not None:  # after the detections are safely written: a failure here loses nothing

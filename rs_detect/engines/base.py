@@ -8,6 +8,7 @@ min == max), so callers never see a batch-size error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +19,17 @@ from rs_detect.types import ModelMeta
 
 if TYPE_CHECKING:  # engines import without rasterio
     from rs_detect.preprocess import Normalizer
+
+
+@dataclass(frozen=True)
+class SceneLike:
+    """What the batches of a coming scene look like, for a warm-up that prepares for exactly them: their
+    raw pixel dtype and band count, and a :class:`~rs_detect.preprocess.Normalizer` for such a scene
+    (its scaling numbers are placeholders: a captured graph reads the real scene's from a tensor)."""
+
+    norm: Normalizer
+    raw_dtype: torch.dtype
+    bands: int
 
 
 class Engine(ABC):
@@ -69,8 +81,9 @@ class Engine(ABC):
         """
         return self.infer(norm.apply(raw, valid))
 
-    def warmup(self, batch: int) -> None:  # noqa: B027 - optional hook
-        """Prepare for batches of ``batch`` before the first scene (e.g. capture a CUDA graph)."""
+    def warmup(self, batch: int, like: SceneLike | None = None) -> None:  # noqa: B027 - optional hook
+        """Prepare for batches of ``batch`` before the first scene (e.g. capture a CUDA graph), for
+        scenes ``like`` the given one where known (what :meth:`infer_normalized` will be given)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the runtime's resources (sessions, contexts, device buffers)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from rs_detect.engines import metadata
-from rs_detect.engines.base import Engine
+from rs_detect.engines.base import Engine, SceneLike
 from rs_detect.engines.modelinfo import BatchCheck, ModelInfo, Runner, TensorInfo, compare_batch_runs, runtime_error_line
 from rs_detect.errors import ConfigError, EngineUnavailableError, ModelError, RsDetectError, one_line
 from rs_detect.postprocess.decode import check_output_shape
@@ -150,9 +150,21 @@ class TorchScriptEngine(Engine):
     def input_dtype(self) -> np.dtype:
         return np.dtype(np.float16) if self.half else np.dtype(np.float32)
 
-    def warmup(self, batch: int) -> None:
-        """Capture the CUDA graph for batches of up to ``batch`` before the first scene (CUDA only)."""
-        if self.cuda_graphs and self._graph is None:
+    def warmup(self, batch: int, like: SceneLike | None = None) -> None:
+        """Capture the CUDA graph for batches of up to ``batch`` before the first scene (CUDA only).
+
+        With ``like`` (a coming scene's raw dtype, bands and normaliser) and a band plan the graph can
+        hold (:attr:`Normalizer.graphable`), the graph captured is the one that scene's batches run
+        (scaling and model, :meth:`infer_normalized`), and nothing is captured during the scene;
+        otherwise the model alone, as :meth:`infer` runs it."""
+        if not self.cuda_graphs:
+            return
+        if like is not None and like.norm.graphable:
+            n = self._graph_batch(batch)
+            size = self.meta.imgsz
+            self.infer_normalized(torch.zeros((n, like.bands, size, size), dtype=like.raw_dtype, device=self.device), None, like.norm)
+            return
+        if self._graph is None:
             shape = (self._graph_batch(batch), self.meta.channels, self.meta.imgsz, self.meta.imgsz)
             self._graph = self._try_capture(self._forward, (torch.zeros(shape, dtype=torch.float16 if self.half else torch.float32, device=self.device),))
 
