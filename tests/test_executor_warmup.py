@@ -54,7 +54,7 @@ def test_engine_ready_is_waited_for_before_the_first_inference_and_not_counted_a
     assert kinds[0] == "ready" and kinds.count("ready") == 1 and kinds.count("infer") >= 2
     waited = result.stats.stage_seconds["wait_for_engine"]
     assert waited >= 0.39
-    assert result.stats.seconds == pytest.approx(wall - waited, abs=0.05)
+    assert 0 < result.stats.seconds <= wall - waited + 1e-3  # the wait is not the scene's time
     assert len(result.detections) > 0
 
 
@@ -98,7 +98,7 @@ def test_warm_up_like_a_scene_captures_the_graph_that_scene_runs(tmp_path: Path)
 
     from rs_detect.engines.torch import TorchScriptEngine
 
-    model = mini_torchscript(tmp_path / "mini.torchscript")
+    model = mini_torchscript(tmp_path / "mini.torchscript", imgsz=256)
     path = scene(tmp_path)
     cfg = Config(tile_size=256, overlap=64, batch_size=2, read_threads=2, device="cuda")
     warm = TorchScriptEngine(model, device="cuda")

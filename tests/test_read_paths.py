@@ -111,3 +111,22 @@ def test_cli_reader_flag_names_the_path_in_summary_and_metadata(tmp_path: Path, 
     assert len(features[0]) >= 1 and features[0] == features[1]
     bad = CliRunner().invoke(cli, [str(scene), "--model", str(tiny_onnx), "--reader", "fast"])
     assert bad.exit_code == 2 and "'fast' is not one of" in bad.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_same_detections_on_both_paths(tmp_path: Path) -> None:
+    """On a GPU: a TorchScript model (random weights, so it finds plenty) on the windows of GDAL's reader
+    and of the block reader, cut on the GPU: the same boxes and scores."""
+    from fake_tensorrt import mini_torchscript
+
+    img = paint((1024, 1024), planted_grid()).astype(np.uint16) * 200 + 1000
+    scene = write_tif(tmp_path / "u16.tif", img, predictor=2)
+    model = mini_torchscript(tmp_path / "mini.torchscript", imgsz=256)
+    cfg = dict(tile_size=256, overlap=64, batch_size=4, device="cuda")
+    engine = load_engine(model, device="cuda")
+    gdal = run(engine, Config(**cfg, reader="gdal"), scene)
+    blocks = run(engine, Config(**cfg, reader="blocks"), scene)
+    assert "blocks" in blocks.stats.reader and "GDAL" in gdal.stats.reader
+    assert len(gdal.frame) > 10  # the comparison has detections to compare
+    assert_same_detections(gdal, blocks)
