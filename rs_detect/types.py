@@ -271,7 +271,8 @@ class RunStats:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reader: str = ""  # the reading path the scene took and why (e.g. "blocks, deflate + predictor, libdeflate, cut on the GPU", "GDAL (striped, not tiled)")
-    #: (seconds since reading began, seconds waited) for each batch: where in a scene the engine waited for the reader
+    #: (seconds since reading began, seconds waited) for each item the engine's loop took (a batch, or a tile skipped as
+    #: nodata): where in a scene the engine waited for the reader
     reader_waits: list[tuple[float, float]] = field(default_factory=list)
 
     def add_time(self, stage: str, seconds: float) -> None:
