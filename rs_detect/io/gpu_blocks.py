@@ -41,9 +41,8 @@ import numpy as np
 import torch
 
 from rs_detect.dtypes import torch_dtype
-from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockInflateError, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder,
-                                      block_error, block_layout, inflater_name, nvcomp_available, undo_predictor,
-                                      undo_predictor_host)
+from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder, block_layout,
+                                      inflater_name, nvcomp_available, undo_predictor, undo_predictor_host)
 from rs_detect.io.prefetch import window_batches
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
@@ -165,13 +164,8 @@ class GpuBlockReader:
         buf = getattr(self._scratch, "buf", None)
         if buf is None or buf.size < need:  # fresh pages once per thread, not per job
             buf = self._scratch.buf = np.empty(need + need // 4, dtype=np.uint8)
-        starts, lens = self.file.read(blocks, buf)
-        inflate = self._inflate
-        assert inflate is not None
-        try:
-            inflate(buf, starts, lens, out)
-        except BlockInflateError as exc:
-            raise block_error(self.layout, (blocks.start or 0) + exc.index, exc.why) from None
+        assert self._inflate is not None
+        self.file.read_inflated(blocks, self._inflate, buf, out)
 
     def _request(self, upto: int) -> None:
         cols = self.layout.grid[1]
@@ -348,14 +342,11 @@ class BlockSampler:
         """``blocks`` (contiguous in row-major order), decoded: uint8 [n, block_bytes], predictor not undone."""
         L = self.layout
         buf = np.empty(file.size(blocks), dtype=np.uint8)
-        starts, lens = file.read(blocks, buf)
         if self._inflate is None:  # uncompressed: slots of whole blocks, back to back (as GpuBlockReader._decode takes them)
+            starts, _ = file.read(blocks, buf)
             return buf[: len(starts) * L.block_bytes].reshape(len(starts), L.block_bytes)
-        out = np.empty((len(starts), L.block_bytes), dtype=np.uint8)
-        try:
-            self._inflate(buf, starts, lens, out)
-        except BlockInflateError as exc:
-            raise block_error(L, (blocks.start or 0) + exc.index, exc.why) from None
+        out = np.empty((blocks.stop - blocks.start, L.block_bytes), dtype=np.uint8)
+        file.read_inflated(blocks, self._inflate, buf, out)
         return out
 
 

@@ -197,6 +197,15 @@ class BlockFile:
                 raise block_error(self.layout, (blocks.start or 0) + int(np.flatnonzero(bad)[0]), "is not zlib data")
         return starts, cnt
 
+    def read_inflated(self, blocks: slice, inflate: HostInflater, buf: np.ndarray, out: np.ndarray) -> None:
+        """Read ``blocks`` into ``buf`` (see :meth:`size`) and inflate them into the rows of ``out``
+        [len(blocks), block_bytes]; a block that does not inflate is named in a one-line InputError."""
+        starts, lens = self.read(blocks, buf)
+        try:
+            inflate(buf, starts, lens, out)
+        except BlockInflateError as exc:
+            raise block_error(self.layout, (blocks.start or 0) + exc.index, exc.why) from None
+
 
 # -- step 2: decode -------------------------------------------------------------------------------------
 
