@@ -204,6 +204,14 @@ def test_cuda_is_started_early_only_for_a_detect_command_on_a_cuda_device(argv: 
     assert cuda_device_asked(argv) == index
 
 
+def test_the_early_cuda_check_knows_every_command() -> None:
+    """cuda_device_asked runs before the commands are imported, so it keeps their names itself."""
+    from rs_detect.cli import cli
+    from rs_detect.cli.startup import COMMANDS
+
+    assert set(COMMANDS) == set(cli.commands)
+
+
 def test_early_cuda_start_ends_quietly_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where there is no driver (this machine) or a GPU, the thread ends by itself and raises nothing."""
     thread = start_cuda_early(["s.tif", "--device", "cuda"])
