@@ -275,28 +275,30 @@ class ProducerTimes:
     """Seconds the block reader's producer thread spent, inside a block: waiting for each group's reads
     and inflates and uploading it (``GpuBlockReader._decode``), and cutting batches (``cut``)."""
 
+    METHODS = {"decode": "_decode", "cut": "cut"}  # label -> GpuBlockReader method
+
     def __init__(self) -> None:
-        self.calls: dict[str, list[tuple[float, float]]] = {"decode": [], "cut": []}
+        self.calls: dict[str, list[tuple[float, float]]] = {name: [] for name in self.METHODS}
 
     def __enter__(self) -> ProducerTimes:
         from rs_detect.io import gpu_blocks
 
         self._cls = gpu_blocks.GpuBlockReader
-        self._saved = {name: getattr(self._cls, "_decode" if name == "decode" else name) for name in self.calls}
+        self._saved = {attr: getattr(self._cls, attr) for attr in self.METHODS.values()}
         t_zero = time.perf_counter()
-        for name, fn in self._saved.items():
-            def timed(*a: Any, _fn: Any = fn, _out: list = self.calls[name], **k: Any) -> Any:
+        for name, attr in self.METHODS.items():
+            def timed(*a: Any, _fn: Any = self._saved[attr], _out: list = self.calls[name], **k: Any) -> Any:
                 t = time.perf_counter()
                 try:
                     return _fn(*a, **k)
                 finally:
                     _out.append((round(t - t_zero, 4), round(time.perf_counter() - t, 4)))
-            setattr(self._cls, "_decode" if name == "decode" else name, timed)
+            setattr(self._cls, attr, timed)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, fn in self._saved.items():
-            setattr(self._cls, "_decode" if name == "decode" else name, fn)
+        for attr, fn in self._saved.items():
+            setattr(self._cls, attr, fn)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
