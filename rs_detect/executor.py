@@ -316,7 +316,9 @@ class SceneExecutor:
         ex, sp = self.plan.execution, self.plan.scaling
         import rasterio
 
-        with rasterio.Env(GDAL_CACHEMAX=ex.gdal_cachemax_mb) if ex.gdal_cachemax_mb else nullcontext():
+        # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not GDAL's megabytes (16 there
+        # was a 16-byte cache, and a decimated sample read of a 2048² scene took 3.7 s instead of 0.04 s)
+        with rasterio.Env(GDAL_CACHEMAX=ex.gdal_cachemax_mb << 20) if ex.gdal_cachemax_mb else nullcontext():
             t_open = time.perf_counter()
             stats.add_time("setup", t_open - start)
             # one handle, for the header: the reader threads' own are opened once the reading path is known

@@ -111,3 +111,32 @@ def test_warm_up_like_a_scene_captures_the_graph_that_scene_runs(tmp_path: Path)
     again = SceneExecutor(resolve_plan(cfg, cold), cold, warmup=False).run(path)
     assert torch.equal(result.detections.boxes, again.detections.boxes)
     assert torch.equal(result.detections.scores, again.detections.scores)
+
+
+def gdal_cache_max() -> int:
+    """GDAL's block cache limit in bytes, from the libgdal this process has loaded (rasterio's)."""
+    import ctypes
+
+    import rasterio  # noqa: F401 - loads libgdal
+
+    path = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgdal" in line.split("/")[-1])
+    lib = ctypes.CDLL(path)
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return int(lib.GDALGetCacheMax64())
+
+
+def test_gdal_block_cache_during_a_run_is_the_planned_megabytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rs_detect.io.reader import RasterSource
+    from rs_detect.plan import GDAL_CACHEMAX_MB
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    seen: list[int] = []
+    summary = RasterSource.sample_summary
+
+    def spy(self, job):  # a reader thread, inside the run's GDAL settings
+        seen.append(gdal_cache_max())
+        return summary(self, job)
+
+    monkeypatch.setattr(RasterSource, "sample_summary", spy)
+    executor(FakeEngine(256)).run(scene(tmp_path))
+    assert seen and set(seen) == {GDAL_CACHEMAX_MB << 20}
