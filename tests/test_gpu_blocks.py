@@ -4,6 +4,7 @@ must equal what the GDAL slab reader gives."""
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 import zlib
 from pathlib import Path
@@ -41,16 +42,20 @@ def scene(dtype: str, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return (smooth % (int(info.max) - int(info.min) + 1) + int(info.min)).astype(dtype)
 
 
-def both_paths(path: Path, size: int = 512, overlap: int = 96, batch: int = 3, device_decoder: bool = False) -> tuple[list, list]:
+def both_paths(path: Path, size: int = 512, overlap: int = 96, batch: int = 3, device_decoder: bool = False,
+               device: str = "cpu") -> tuple[list, list]:
     """GDAL's slab reader vs the block reader: blocks inflated in the reader pool (the default), or,
-    with ``device_decoder``, by the device-side decoder's code path (InflateDecoder for nvCOMP)."""
+    with ``device_decoder``, by the device-side decoder's code path (InflateDecoder for nvCOMP).
+    ``device``: where the block reader undoes the predictor and cuts (its batches come back on the CPU)."""
     with RasterSource(path, channels=1) as src, ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(2) as cutters:
         layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
         assert not isinstance(layout, str), layout
         tiles = list(iter_tiles(src.width, src.height, size, overlap, src.transform))
         cpu = list(window_batches(src, iter(tiles), pool, batch, size, False, 2, 2, cutters, stride=size - overlap))
-        gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, torch.device("cpu"), None, ahead=1,
+        gpu = list(gpu_window_batches(src, layout, iter(tiles), pool, batch, size, torch.device(device), None, ahead=1,
                                       decoder=InflateDecoder() if device_decoder else None))
+    if device != "cpu":
+        gpu = [dataclasses.replace(b, data=b.data.cpu(), valid=None if b.valid is None else b.valid.cpu(), ready=None) for b in gpu]
     return cpu, gpu
 
 
@@ -79,6 +84,19 @@ def test_windows_equal_gdal_for_each_dtype_and_predictor(tmp_path: Path, monkeyp
     cpu, gpu = both_paths(path, device_decoder=device_decoder)
     assert_same(cpu, gpu)
     assert len(gpu) == 3 and sum(b.size for b in gpu) == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int8"])
+def test_windows_on_cuda_equal_gdal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """The predictor undone and windows cut by CUDA kernels (a cumulative sum that must wrap around
+    in the samples' own width) give GDAL's pixels; the CPU runs the same code in the test above."""
+    monkeypatch.setattr(gpu_blocks, "HOST_GROUP_ROWS", 512)
+    path = write(tmp_path / "s.tif", scene(dtype, (1, 1300, 1100)), predictor=2)
+    cpu, gpu = both_paths(path, device="cuda")
+    assert_same(cpu, gpu)
+    assert sum(b.size for b in gpu) == 9
 
 
 def test_short_scene_windows_are_padded_like_the_cpu_path(tmp_path: Path) -> None:
