@@ -40,9 +40,10 @@ NOT_ON_TORCH_PATH = ("torchvision", "torch._dynamo", "sympy", "torch.fx.experime
 
 
 def child(code: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env_path = str(ROOT)
+    os = __import__("os")
+    env_path = os.pathsep.join([str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])  # the caller's too
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**__import__("os").environ, "PYTHONPATH": env_path})
+                          env={**os.environ, "PYTHONPATH": env_path})
 
 
 # -- NMS ------------------------------------------------------------------------------------------------
