@@ -272,40 +272,50 @@ class ThreadCpu:
 
 
 class ProducerTimes:
-    """Seconds the block reader's producer thread spent, inside a block: waiting for each group's reads
-    and inflates and uploading it (``GpuBlockReader._decode``), and cutting batches (``cut``)."""
+    """Seconds spent inside the block reader, within a block: the producer thread waiting for each
+    group's reads and inflates and uploading it (``GpuBlockReader._decode``) and cutting batches
+    (``cut``); the reader pool's jobs, each with its thread: a group's blocks read and inflated
+    (``_inflate_into``) and the stretch's sample windows (``BlockSampler.__call__``). ``early``
+    lists the jobs that started in the first ``EARLY_S``: what the first batch waited for."""
 
-    METHODS = {"decode": "_decode", "cut": "cut"}  # label -> GpuBlockReader method
+    METHODS = {"decode": ("GpuBlockReader", "_decode"), "cut": ("GpuBlockReader", "cut"),
+               "inflate": ("GpuBlockReader", "_inflate_into"), "sample": ("BlockSampler", "__call__")}
+    EARLY_S = 0.15
 
     def __init__(self) -> None:
-        self.calls: dict[str, list[tuple[float, float]]] = {name: [] for name in self.METHODS}
+        self.calls: dict[str, list[tuple[float, float, str]]] = {name: [] for name in self.METHODS}
 
     def __enter__(self) -> ProducerTimes:
         from rs_detect.io import gpu_blocks
 
-        self._cls = gpu_blocks.GpuBlockReader
-        self._saved = {attr: getattr(self._cls, attr) for attr in self.METHODS.values()}
-        t_zero = time.perf_counter()
-        for name, attr in self.METHODS.items():
-            def timed(*a: Any, _fn: Any = self._saved[attr], _out: list = self.calls[name], **k: Any) -> Any:
+        self._saved = {(cls, attr): getattr(getattr(gpu_blocks, cls), attr) for cls, attr in self.METHODS.values()}
+        self.t_zero = t_zero = time.perf_counter()
+        for name, (cls, attr) in self.METHODS.items():
+            def timed(*a: Any, _fn: Any = self._saved[cls, attr], _out: list = self.calls[name], **k: Any) -> Any:
                 t = time.perf_counter()
                 try:
                     return _fn(*a, **k)
                 finally:
-                    _out.append((round(t - t_zero, 4), round(time.perf_counter() - t, 4)))
-            setattr(self._cls, attr, timed)
+                    _out.append((round(t - t_zero, 4), round(time.perf_counter() - t, 4), threading.current_thread().name))
+            setattr(getattr(gpu_blocks, cls), attr, timed)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for attr, fn in self._saved.items():
-            setattr(self._cls, attr, fn)
+        from rs_detect.io import gpu_blocks
+
+        for (cls, attr), fn in self._saved.items():
+            setattr(getattr(gpu_blocks, cls), attr, fn)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, calls in self.calls.items():
             d = [c[1] for c in calls]
             out[name] = {"calls": len(d), "total_s": round(sum(d), 3), "max_s": max(d) if d else None,
-                         "slowest": sorted(calls, key=lambda c: -c[1])[:5]}
+                         "slowest": [c[:2] for c in sorted(calls, key=lambda c: -c[1])[:5]]}
+        early = sorted((c[0], c[1], name, c[2]) for name in ("sample", "inflate") for c in self.calls[name] if c[0] < self.EARLY_S)
+        out["early"] = {"jobs": len(early), "threads": len({e[3] for e in early}),
+                        "sample_done_s": max((e[0] + e[1] for e in early if e[2] == "sample"), default=None),
+                        "list": [e[:3] for e in early]}
         return out
 
 
@@ -314,6 +324,56 @@ def waits_report(waits: list[tuple[float, float]]) -> dict[str, Any]:
     rest = waits[1:]
     return {"batches": len(waits), "total_s": round(sum(w for _, w in waits), 3), "first_s": waits[0][1] if waits else None,
             "over_1ms": sum(1 for _, w in rest if w > 0.001), "largest": sorted(rest, key=lambda x: -x[1])[:8]}
+
+
+class GpuTimeline:
+    """When the engine's stream ran each batch, from CUDA events around ``engine.infer_normalized``:
+    how long the GPU waited before the first batch, the gaps between batches (the stream had nothing
+    to run: the host, or the batch's pixels on the read stream, were late), each batch's model time
+    (beside engine-only's) and the time after the last batch. Nothing is recorded off a GPU."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.events: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> GpuTimeline:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.ref = torch.cuda.Event(enable_timing=True)
+            self.ref.record()  # the stream is idle: this completes at once, at the run's start
+            self.t0 = time.perf_counter()
+            inner = self.engine.infer_normalized
+
+            def timed(*a: Any, **k: Any) -> Any:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                out = inner(*a, **k)
+                e1.record()
+                self.events.append((e0, e1))
+                return out
+
+            self.engine.infer_normalized = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.seconds = time.perf_counter() - self.t0
+            del self.engine.infer_normalized  # the class's method again
+            torch.cuda.synchronize()
+
+    def report(self) -> dict[str, Any] | None:
+        if not self.cuda or not self.events:
+            return None
+        ms = self.ref.elapsed_time
+        starts = [ms(a) for a, _ in self.events]
+        ends = [ms(b) for _, b in self.events]
+        runs = [e - s for s, e in zip(starts, ends)]
+        gaps = [(i, round(starts[i] - ends[i - 1], 2)) for i in range(1, len(starts))]
+        return {"batches": len(runs), "first_start_ms": round(starts[0], 1), "gaps_ms": round(sum(g for _, g in gaps), 1),
+                "gaps_over_0_5ms": sum(1 for _, g in gaps if g > 0.5), "largest_gaps": sorted(gaps, key=lambda g: -g[1])[:8],
+                "batch_ms_median": round(float(np.median(runs)), 2), "batch_ms_max": round(max(runs), 2), "busy_ms": round(sum(runs), 1),
+                "after_last_ms": round(self.seconds * 1000 - ends[-1], 1), "wall_ms": round(self.seconds * 1000, 1)}
 
 
 class GpuSampler:
@@ -411,7 +471,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         mark("warmup_run")
     rss_before = peak_rss_mb()
     reset_slab_peak()
-    with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu, ProducerTimes() as producer:
+    with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu, ProducerTimes() as producer, GpuTimeline(engine) as timeline:
         t0 = time.perf_counter()
         result = pipe.run(scene)
         seconds = time.perf_counter() - t0
@@ -442,7 +502,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
         "cpu": cpu.report(), "inflate": args.inflate, "producer": producer.report(),
-        "reader_waits": waits_report(result.stats.reader_waits),
+        "reader_waits": waits_report(result.stats.reader_waits), "gpu_timeline": timeline.report(),
     }
 
 
