@@ -114,12 +114,13 @@ def test_warm_up_like_a_scene_captures_the_graph_that_scene_runs(tmp_path: Path)
 
 
 def gdal_cache_max() -> int:
-    """GDAL's block cache limit in bytes, from the libgdal this process has loaded (rasterio's)."""
+    """GDAL's block cache limit in bytes, from rasterio's libgdal (pyogrio's wheel loads a second one)."""
     import ctypes
 
     import rasterio  # noqa: F401 - loads libgdal
 
-    path = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgdal" in line.split("/")[-1])
+    paths = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgdal" in line.split("/")[-1]]
+    path = next((p for p in paths if "rasterio" in p), paths[0])
     lib = ctypes.CDLL(path)
     lib.GDALGetCacheMax64.restype = ctypes.c_int64
     return int(lib.GDALGetCacheMax64())
