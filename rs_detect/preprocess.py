@@ -16,6 +16,10 @@ from rs_detect.io.reader import RasterSource
 from rs_detect.types import RawBatch, ScaleInfo
 
 
+#: the smallest value of each pixel dtype that :meth:`Normalizer.apply` scales through a table
+_TABLE_BASE = {torch.uint8: 0, torch.int8: -128, torch.uint16: 0, torch.int16: -32768}
+
+
 class Normalizer:
     """Apply one scene's band plan and scaling to raw batches.
 
@@ -97,6 +101,22 @@ class Normalizer:
         ``params``: [low, gain, fill] to read instead of :attr:`params` (a captured graph's own copy).
         """
         p = self.params if params is None else params
+        base = _TABLE_BASE.get(raw.dtype) if self.combine in ("direct", "replicate") else None
+        if base is not None:
+            # 8 and 16-bit pixels: every value the dtype holds, scaled as below, then looked up. The same
+            # numbers in two passes over the batch instead of five (on a GPU the scaling ran beside the
+            # model in its graph, and its passes over 4 bytes a pixel slowed it)
+            table = torch.arange(base, base + (1 << 8 * raw.element_size()), dtype=torch.float32, device=raw.device)
+            table = table.sub_(p[0]).mul_(p[1]).clamp_(0.0, 1.0).to(self.dtype)
+            index = raw.to(torch.int32)
+            if base:
+                index.sub_(base)
+            x = table.index_select(0, index.view(-1)).view(raw.shape)
+            if self.combine == "replicate":
+                x = x.expand(-1, self.channels, -1, -1)
+            if valid is not None:
+                x = torch.where(valid[:, None], x, p[2].to(self.dtype))
+            return x.contiguous()
         if self.combine == "palette":
             assert self.lut is not None
             x = self.lut[raw.long().clamp_(0, self.lut.numel() - 1)]

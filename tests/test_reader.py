@@ -115,6 +115,34 @@ def test_percentiles_from_counts_equal_numpys_to_the_last_bit_whole_or_added_up(
     assert np.array_equal(percentiles(floats, [2.0, 98.0]), np.percentile(floats, [2.0, 98.0]))
 
 
+def scaled_by_arithmetic(raw: torch.Tensor, valid: torch.Tensor | None, p: torch.Tensor, dtype: torch.dtype, channels: int) -> torch.Tensor:
+    """What Normalizer.apply computes, written out pixel by pixel in float32 (the stretch, the fill)."""
+    x = raw.float().sub_(p[0]).mul_(p[1]).clamp_(0.0, 1.0).expand(-1, channels, -1, -1)
+    if valid is not None:
+        x = torch.where(valid[:, None], x, p[2])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.uint16, torch.int16])
+@pytest.mark.parametrize("out", [torch.float16, torch.float32])
+def test_scaling_through_a_table_gives_the_arithmetics_numbers_exactly(dtype: torch.dtype, out: torch.dtype) -> None:
+    info = torch.iinfo(dtype)
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(info.min, info.max + 1, (3, 1, 48, 48), generator=g, dtype=torch.int64).to(dtype)
+    raw[0, 0, 0, :2] = torch.tensor([info.min, info.max])  # both ends of the table
+    valid = torch.rand(3, 48, 48, generator=g) > 0.3
+    span = info.max - info.min
+    for combine, channels in (("direct", 1), ("replicate", 3)):
+        norm = Normalizer.__new__(Normalizer)
+        norm.combine, norm.channels, norm.dtype, norm.lut = combine, channels, out, None
+        for low, high in ((info.min, info.max), (info.min + 0.3 * span, info.min + 0.31 * span), (info.min + 1.5, info.min + 7.25)):
+            p = torch.tensor([low, 1.0 / (high - low), 0.37])
+            for v in (None, valid):
+                got = norm.apply(raw, v, p)
+                want = scaled_by_arithmetic(raw, v, p, out, channels)
+                assert got.dtype == out and got.shape == want.shape and torch.equal(got, want)
+
+
 def test_fixed_scale_and_float_nan(tmp_path: Path) -> None:
     img = np.linspace(-10, 30, 100 * 100, dtype=np.float32).reshape(100, 100)
     img[5, 5] = np.nan
