@@ -28,10 +28,12 @@ stops them all, in one order, on success, on error and on Ctrl-C. The flow of on
                                                    |                                              |
     main thread      stitch_scene -> georeference -> write_detections (temporary name, rename) <--+
 
-CUDA (only when the engine runs on a GPU): three streams made here, once per executor. The *upload*
+CUDA (only when the engine runs on a GPU): four streams made here, once per executor. The *upload*
 stream copies batch N+1 from pinned memory while the engine's current stream still runs batch N;
 the current stream waits for the copy (``wait_stream``). With the block reader, batches are made on
 the *read* stream instead and carry an event the current stream waits for (``RawBatch.ready``).
+The engine runs on a stream of its own of high priority (``ENGINE_STREAM_PRIORITY``), the main
+thread's current stream while a scene runs; the others have normal priority.
 After each inference the main thread records a blocking event ``ready`` on the current stream; the
 post thread sleeps on it, and decodes on the *decode* stream, which waits for that event only (never
 for the batches queued behind it).
@@ -260,6 +262,12 @@ class _Threads:
         self.post.shutdown(wait=True, cancel_futures=True)
 
 
+#: The CUDA priority of the stream the engine runs on (lower is higher; None: the calling thread's
+#: current stream). The reader's kernels (predictor, cuts) and the decode run on streams of normal
+#: priority beside it: where they compete for the GPU, the engine's blocks are scheduled first.
+ENGINE_STREAM_PRIORITY: int | None = -1
+
+
 class SceneExecutor:
     """Runs scenes through one loaded engine with one resolved plan (load once, run many)."""
 
@@ -273,7 +281,10 @@ class SceneExecutor:
         self._upload_stream: torch.cuda.Stream | None = None
         self._decode_stream: torch.cuda.Stream | None = None
         self._read_stream: torch.cuda.Stream | None = None
+        self._engine_stream: torch.cuda.Stream | None = None
         if engine.device.type == "cuda":
+            if ENGINE_STREAM_PRIORITY is not None:
+                self._engine_stream = torch.cuda.Stream(device=engine.device, priority=ENGINE_STREAM_PRIORITY)
             self._upload_stream = torch.cuda.Stream(device=engine.device)
             self._decode_stream = torch.cuda.Stream(device=engine.device)
             self._read_stream = torch.cuda.Stream(device=engine.device)  # the GPU reading path's decodes and cuts
@@ -394,7 +405,8 @@ class SceneExecutor:
             bar.set_postfix(detections=stats.detections_raw, refresh=False)
 
         trim = HeapTrimmer()
-        with bar:
+        engine_stream = torch.cuda.stream(self._engine_stream) if self._engine_stream is not None else nullcontext()
+        with bar, engine_stream:
             t_wait = time.perf_counter()
             for item in threads.produce(path.batches):
                 waited = time.perf_counter() - t_wait
