@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rs_detect import executor as rs_executor  # noqa: E402
 from rs_detect import memory as rs_memory  # noqa: E402
 from rs_detect.config import Config  # noqa: E402
 from rs_detect.engines import load_engine  # noqa: E402
@@ -431,6 +432,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     scene = Path(args.scene)
     use_inflate(args.inflate)
+    if args.engine_priority == "current":  # an experiment: the engine on the main thread's current stream, as before
+        rs_executor.ENGINE_STREAM_PRIORITY = None
+    if args.scaling == "arithmetic":  # an experiment: the stretch computed pixel by pixel, as before
+        from rs_detect import preprocess
+
+        preprocess._TABLE_BASE.clear()
     if args.trim_interval:  # an experiment: how often the pipeline hands freed heap pages back (rs_detect.memory)
         rs_memory.TRIM_EVERY_S = args.trim_interval
     if args.switch_interval:  # an experiment: how long a thread waiting for the GIL may wait (default 5 ms)
@@ -501,7 +508,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "slab_peak_mb": round(slab_peak, 1), "at_run_peak": trace.at_peak, "marks": marks,
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
-        "cpu": cpu.report(), "inflate": args.inflate, "producer": producer.report(),
+        "cpu": cpu.report(), "inflate": args.inflate, "engine_priority": args.engine_priority, "scaling": args.scaling, "producer": producer.report(),
         "reader_waits": waits_report(result.stats.reader_waits), "gpu_timeline": timeline.report(),
     }
 
@@ -600,6 +607,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
             + (["--switch-interval", str(args.switch_interval)] if getattr(args, "switch_interval", 0.0) else []) \
             + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
             + ["--repeat", str(getattr(args, "repeat", 1)), "--reader", getattr(args, "reader", "auto"), "--inflate", getattr(args, "inflate", "direct")] \
+            + ["--engine-priority", getattr(args, "engine_priority", "high"), "--scaling", getattr(args, "scaling", "table")] \
             + (["--trace", str(Path(args.trace_dir) / f"trace_{Path(scene).stem}{'_seed' if seed else ''}.json")] if getattr(args, "trace_dir", None) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -684,6 +692,10 @@ def main() -> None:
         p.add_argument("--trim-interval", type=float, default=0.0, help="seconds between heap trims in the run (0: the pipeline's default)")
         p.add_argument("--reader", default="auto", choices=["auto", "gdal", "blocks", "nvcomp"], help="the reading path (Config.reader)")
         p.add_argument("--inflate", default="direct", choices=["direct", "copy"], help="the block reader's inflating (use_inflate)")
+        p.add_argument("--engine-priority", default="high", choices=["high", "current"],
+                       help="the engine on a high-priority stream of its own (the default), or on the thread's current stream")
+        p.add_argument("--scaling", default="table", choices=["table", "arithmetic"],
+                       help="8/16-bit pixels scaled through a table of every value (the default) or pixel by pixel")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")
