@@ -681,3 +681,30 @@ def test_background_scale_error_reaches_the_caller_as_one_line(tmp_path: Path, m
     with ThreadPoolExecutor(1) as pool:
         job = measure_scale(u8, pool)
         assert job.done() and job.result().method == "divide"
+
+
+def test_stretch_sample_of_a_plain_array_leaves_numpy_ma_unimported(tmp_path: Path) -> None:
+    """The block reader's sample jobs summarise plain arrays in many threads at once; a first use of
+    numpy.ma there would import it under the import lock while they all wait. Masked reads still count
+    only their valid values."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = write_tif(tmp_path / "s.tif", (np.arange(64 * 64).reshape(64, 64) % 5000).astype(np.uint16))
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from pathlib import Path
+        from rs_detect.io.reader import RasterSource
+        with RasterSource(Path({str(path)!r}), channels=1, handles=0) as src:
+            base, counts = src.summarize(np.array([[[3, 3, 7]]], dtype=np.uint16))
+        assert base == 0 and counts[3] == 2 and counts[7] == 1 and counts.sum() == 3
+        assert "numpy.ma" not in sys.modules, "numpy.ma imported"
+        import numpy.ma as ma
+        with RasterSource(Path({str(path)!r}), channels=1, handles=0) as src:
+            base, counts = src.summarize(ma.masked_array([[[3, 3, 7]]], mask=[[[False, True, False]]], dtype=np.uint16))
+        assert counts[3] == 1 and counts[7] == 1 and counts.sum() == 2
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -287,11 +287,17 @@ class RasterSource:
     def _valid_values(self, arr: np.ndarray | np.ma.MaskedArray) -> np.ndarray:
         """The valid values of the model's channels, flat: raw integers where the bands pass through
         unchanged (one band, or one replicated), else float32."""
-        data = np.ma.getdata(arr)
+        # a plain array (every read of a file without nodata or mask) leaves numpy.ma alone: its first use
+        # imports it (about 12 ms), under the import lock, while every reader thread waits at that line
+        masked = type(arr) is not np.ndarray
+        data = np.ma.getdata(arr) if masked else arr
+        invalid = np.ma.getmaskarray(arr) if masked else None
         if self.plan.combine in ("direct", "replicate") and data.dtype.kind in "ui" and data.shape[0] == 1:
-            return data[0][~np.ma.getmaskarray(arr)[0]] if np.ma.is_masked(arr) else data.ravel()
+            return data[0][~invalid[0]] if invalid is not None and invalid.any() else data.ravel()
         data = data.astype(np.float32)
-        mask = np.ma.getmaskarray(arr).any(axis=0) | ~np.isfinite(data).all(axis=0)
+        mask = ~np.isfinite(data).all(axis=0)
+        if invalid is not None:
+            mask |= invalid.any(axis=0)
         combined = self._combine(data)
         return combined[:, ~mask].ravel()
 
