@@ -359,7 +359,10 @@ class SceneExecutor:
         names = self.meta.names
         for cid in merged.class_ids.tolist():
             stats.per_class[names[cid]] = stats.per_class.get(names[cid], 0) + 1
-        stats.seconds = time.perf_counter() - start - stats.stage_seconds.get("wait_for_engine", 0.0)
+        def scene_seconds() -> float:  # the wait for the engine (its warm-up) is not the scene's
+            return time.perf_counter() - start - stats.stage_seconds.get("wait_for_engine", 0.0)
+
+        stats.seconds = scene_seconds()
         facts["output_crs"] = frame.crs.to_string() if frame.crs is not None else None  # what was written, after any fallback
         facts["coordinates"] = coordinates_label(frame.crs)  # "native" when a CRS had no way to WGS84
         facts["tiles"] = {"total": stats.tiles_total, "read": stats.tiles_read, "skipped_nodata": stats.tiles_skipped}
@@ -368,7 +371,7 @@ class SceneExecutor:
             t0 = time.perf_counter()
             write_detections(frame, output, meta)
             stats.add_time("write", time.perf_counter() - t0)
-            stats.seconds = time.perf_counter() - start - stats.stage_seconds.get("wait_for_engine", 0.0)
+            stats.seconds = scene_seconds()
         return SceneResult(scene, output, frame, merged, stats, meta, self.plan, band_plan, scale)
 
     def _infer_scene(self, src: RasterSource, threads: _Threads, stats: RunStats, progress: bool,
