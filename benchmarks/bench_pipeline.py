@@ -290,7 +290,7 @@ class ProducerTimes:
         from rs_detect.io import gpu_blocks
 
         self._saved = {(cls, attr): getattr(getattr(gpu_blocks, cls), attr) for cls, attr in self.METHODS.values()}
-        self.t_zero = t_zero = time.perf_counter()
+        t_zero = time.perf_counter()
         for name, (cls, attr) in self.METHODS.items():
             def timed(*a: Any, _fn: Any = self._saved[cls, attr], _out: list = self.calls[name], **k: Any) -> Any:
                 t = time.perf_counter()
