@@ -438,6 +438,15 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         from rs_detect import preprocess
 
         preprocess._TABLE_BASE.clear()
+    from rs_detect.io import gpu_blocks
+
+    if args.sample_job_windows:  # an experiment: the stretch's sample windows a reader job reads (1: one each, as before)
+        gpu_blocks.SAMPLE_JOB_WINDOWS = args.sample_job_windows
+
+    def scene_scratch() -> None:  # an experiment: the reader threads' compressed-byte buffers new to each scene, as before
+        if args.scratch == "scene":
+            gpu_blocks._THREAD_SCRATCH = threading.local()
+
     if args.trim_interval:  # an experiment: how often the pipeline hands freed heap pages back (rs_detect.memory)
         rs_memory.TRIM_EVERY_S = args.trim_interval
     if args.switch_interval:  # an experiment: how long a thread waiting for the GIL may wait (default 5 ms)
@@ -474,10 +483,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     eng = 0.0 if args.model == "null" or args.seed_style else engine_only(engine, pipe.batch_size, iters)
     mark("engine_only")
     if engine.device.type == "cuda" and args.warmup:  # warm the kernels for the scene's batch shapes
+        scene_scratch()
         pipe.run(scene)
         mark("warmup_run")
     rss_before = peak_rss_mb()
     reset_slab_peak()
+    scene_scratch()
     with GpuSampler() as gpu, RssTrace() as trace, ThreadCpu() as cpu, ProducerTimes() as producer, GpuTimeline(engine) as timeline:
         t0 = time.perf_counter()
         result = pipe.run(scene)
@@ -492,6 +503,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     pairs = [(eng, e2e)]
     for _ in range(args.repeat - 1):
         e = engine_only(engine, pipe.batch_size, iters) if eng else 0.0
+        scene_scratch()
         t0 = time.perf_counter()
         pipe.run(scene)
         pairs.append((e, tiles / (time.perf_counter() - t0)))
@@ -508,7 +520,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "slab_peak_mb": round(slab_peak, 1), "at_run_peak": trace.at_peak, "marks": marks,
         "gpu_util": gpu.mean, "detections": len(result.detections), **memory_breakdown(),
         "stages_s": {k: round(v, 3) for k, v in result.stats.stage_seconds.items()},
-        "cpu": cpu.report(), "inflate": args.inflate, "engine_priority": args.engine_priority, "scaling": args.scaling, "producer": producer.report(),
+        "cpu": cpu.report(), "inflate": args.inflate, "engine_priority": args.engine_priority, "scaling": args.scaling,
+        "sample_job_windows": gpu_blocks.SAMPLE_JOB_WINDOWS, "scratch": args.scratch, "producer": producer.report(),
         "reader_waits": waits_report(result.stats.reader_waits), "gpu_timeline": timeline.report(),
     }
 
@@ -555,7 +568,7 @@ def reader_only(args: argparse.Namespace) -> dict[str, Any]:
                              args.prefetch or auto_prefetch(args.device, args.batch), args.threads, size - overlap)
         if path.needs_handles:
             src.open_handles(args.threads)
-        scale = measure_scale(src, readers, sample=path.sample).result()
+        scale = measure_scale(src, readers, sample=path.sample, plan=path.sample_plan).result()
         t_ready = time.perf_counter()
         stream = torch.cuda.Stream(device=dev) if cuda else None
         norm = Normalizer(src, dev, torch.float16 if cuda else torch.float32, 0.0, scale=scale, upload_stream=stream)
@@ -608,6 +621,7 @@ def run_many(args: argparse.Namespace) -> list[dict[str, Any]]:
             + (["--trim-interval", str(args.trim_interval)] if getattr(args, "trim_interval", 0.0) else []) \
             + ["--repeat", str(getattr(args, "repeat", 1)), "--reader", getattr(args, "reader", "auto"), "--inflate", getattr(args, "inflate", "direct")] \
             + ["--engine-priority", getattr(args, "engine_priority", "high"), "--scaling", getattr(args, "scaling", "table")] \
+            + ["--sample-job-windows", str(getattr(args, "sample_job_windows", 0)), "--scratch", getattr(args, "scratch", "thread")] \
             + (["--trace", str(Path(args.trace_dir) / f"trace_{Path(scene).stem}{'_seed' if seed else ''}.json")] if getattr(args, "trace_dir", None) else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -696,6 +710,10 @@ def main() -> None:
                        help="the engine on a high-priority stream of its own (the default), or on the thread's current stream")
         p.add_argument("--scaling", default="table", choices=["table", "arithmetic"],
                        help="8/16-bit pixels scaled through a table of every value (the default) or pixel by pixel")
+        p.add_argument("--sample-job-windows", type=int, default=0,
+                       help="the stretch's sample windows a reader job reads (0: the reader's default; 1: a job per window)")
+        p.add_argument("--scratch", default="thread", choices=["thread", "scene"],
+                       help="the reader threads' buffers for compressed bytes kept for the thread (the default) or new to each scene")
         if name == "run":
             p.add_argument("--scenes", nargs="+", required=True)
             p.add_argument("--seed-baseline", help="also run this scene the seed's way")

@@ -121,14 +121,16 @@ def prestart(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
 
 
 def measure_scale(src: RasterSource, pool: ThreadPoolExecutor,
-                  sample: Callable[[tuple[int, int, list[tuple[int, int]]]], object] | None = None) -> Future[ScaleInfo]:
+                  sample: Callable[[tuple[int, int, list[tuple[int, int]]]], object] | None = None,
+                  plan: Callable[[], list[tuple[int, int, list[tuple[int, int]]]]] | None = None) -> Future[ScaleInfo]:
     """The scene's stretch, measured by ``pool``'s threads while the first tiles decode.
 
     One job per sample window (or grid row) is queued now, ahead of any tile; each counts its own
     values, and the thread that ends the last one adds the counts up and sets the result: nobody waits
     for it, and the first batch, which needs it, finds it ready. Scalings that need no sample are
-    resolved at once. ``sample`` reads and summarises one job (the reading path's:
-    :class:`~rs_detect.io.gpu_blocks.ScenePath`); by default ``src.sample_summary``, through GDAL.
+    resolved at once. ``sample`` reads and summarises one job and ``plan`` gives the jobs (the reading
+    path's: :class:`~rs_detect.io.gpu_blocks.ScenePath`); by default ``src.sample_summary``, through
+    GDAL, and ``src.sample_plan``.
     """
     out: Future[ScaleInfo] = Future()
     if not src.needs_statistics():
@@ -137,7 +139,7 @@ def measure_scale(src: RasterSource, pool: ThreadPoolExecutor,
         except Exception as exc:  # e.g. fixed scaling with low >= high: raised where the result is asked for
             out.set_exception(exc)
         return out
-    jobs = [pool.submit(sample or src.sample_summary, job) for job in src.sample_plan()]
+    jobs = [pool.submit(sample or src.sample_summary, job) for job in (plan or src.sample_plan)()]
     lock, left = threading.Lock(), [len(jobs)]
 
     def ended(_: Future[object]) -> None:
@@ -391,7 +393,7 @@ class SceneExecutor:
             t0 = time.perf_counter()
             src.open_handles(ex.read_threads)
             stats.add_time("open", time.perf_counter() - t0)
-        scale_job = measure_scale(src, threads.readers, sample=path.sample)  # queued ahead of any tile
+        scale_job = measure_scale(src, threads.readers, sample=path.sample, plan=path.sample_plan)  # queued ahead of any tile
         norm: Normalizer | None = None
         parts: list[Detections] = []
         bar = tqdm(total=stats.tiles_total, unit="tile", desc=src.name, disable=not progress,

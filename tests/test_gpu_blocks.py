@@ -321,6 +321,40 @@ def test_block_sampler_luminance_of_pixel_interleaved_rgb(tmp_path: Path) -> Non
             assert_same_summary(a, b)
 
 
+@pytest.mark.parametrize("per_job", [1, 3, 4, 8])
+def test_block_sampler_plan_groups_windows_of_a_grid_row_and_keeps_the_stretch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                per_job: int) -> None:
+    monkeypatch.setattr(gpu_blocks, "SAMPLE_JOB_WINDOWS", per_job)
+    path = write(tmp_path / "s.tif", scene("uint16", (1, 2200, 2400), seed=9), predictor=2, blockxsize=128, blockysize=128)
+    with RasterSource(path) as src, ThreadPoolExecutor(4) as pool:
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        sampler = BlockSampler(src, layout)
+        single = src.sample_plan()
+        grouped = sampler.plan(single)
+        # the same windows in the same order, each job within one grid row, at most per_job windows
+        assert [(y, h, [c]) for y, h, cols in grouped for c in cols] == single
+        assert all(1 <= len(cols) <= per_job for _, _, cols in grouped)
+        assert len(grouped) == len({y for y, _, _ in single}) * -(-len({c for _, _, [c] in single}) // per_job)
+        summaries = list(pool.map(sampler, grouped))
+        gdal = [src.sample_summary(job) for job in single]
+        assert sum(int(c.sum()) for _, c in summaries) == sum(int(c.sum()) for _, c in gdal)  # type: ignore[misc]
+        assert src.scale_info(summaries) == src.scale_info(gdal)
+
+
+def test_block_sampler_grouped_luminance_values_give_gdals_stretch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_blocks, "SAMPLE_JOB_WINDOWS", 4)
+    path = write(tmp_path / "rgb.tif", scene("uint16", (3, 600, 2400), seed=10), photometric="rgb", interleave="pixel")
+    with RasterSource(path, channels=1) as src:
+        assert src.plan.combine == "luminance"
+        layout = block_layout(str(src.path), src.width, src.height, src.dtype, src.count)
+        sampler = BlockSampler(src, layout)
+        grouped = sampler.plan(src.sample_plan())
+        assert max(len(cols) for _, _, cols in grouped) == 4
+        parts = [sampler(job) for job in grouped]
+        assert all(isinstance(p, np.ndarray) and p.dtype == np.float32 for p in parts)  # values, not counts
+        assert src.scale_info(parts) == src.scale_info([src.sample_summary(job) for job in src.sample_plan()])
+
+
 def test_block_sampler_uncompressed(tmp_path: Path) -> None:
     path = write(tmp_path / "raw.tif", scene("uint16", (1, 600, 2200), seed=5), compress="none", blockxsize=128, blockysize=128)
     blocks, gdal, src = sampled_both_ways(path)
