@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from conftest import two_squares, write_tif
 from fake_tensorrt import mini_torchscript
 
-from rs_detect.cli.startup import CUDNN_PARTS, InBackground, cuda_device_asked, gpu_libraries, load_libraries, no_gc, start_cuda_early
+from rs_detect.cli.startup import InBackground, cuda_device_asked, no_gc, start_cuda_early
 from rs_detect.postprocess import nms as rs_nms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,29 +222,6 @@ def test_early_cuda_start_ends_quietly_and_can_be_turned_off(monkeypatch: pytest
     monkeypatch.setenv("RS_DETECT_EARLY_CUDA", "0")
     assert start_cuda_early(["s.tif", "--device", "cuda"]) is None
     assert start_cuda_early(["s.tif"]) is None
-
-
-def test_gpu_libraries_are_cudnns_parts_in_dependency_order(tmp_path: Path) -> None:
-    """Found in any NVIDIA wheel's lib folder, first root first; parts not installed are left out."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    for root, pkg, part in [(b, "cudnn", "graph"), (b, "cudnn", "cnn"), (a, "cu13", "cnn"), (b, "cudnn", "ops"), (b, "cudnn", "adv")]:
-        (root / pkg / "lib").mkdir(parents=True, exist_ok=True)
-        (root / pkg / "lib" / f"libcudnn_{part}.so.9").write_bytes(b"")
-    found = gpu_libraries([str(a), str(b)])
-    assert found == [str(b / "cudnn/lib/libcudnn_graph.so.9"), str(b / "cudnn/lib/libcudnn_ops.so.9"),
-                     str(a / "cu13/lib/libcudnn_cnn.so.9")]
-    assert [Path(f).name.split("_", 1)[1].split(".")[0] for f in found] == [p for p in CUDNN_PARTS if p in ("graph", "ops", "cnn")]
-    assert gpu_libraries([str(tmp_path / "none")]) == []
-
-
-def test_load_libraries_loads_what_exists_and_skips_the_rest(tmp_path: Path) -> None:
-    import ctypes.util
-
-    libz = ctypes.util.find_library("z") or ctypes.util.find_library("m")
-    assert libz is not None
-    bad = tmp_path / "libbad.so"
-    bad.write_bytes(b"not an ELF file")
-    assert load_libraries([libz, str(bad), str(tmp_path / "missing.so")]) == 1
 
 
 def test_no_gc_restores_the_collector(tmp_path: Path) -> None:

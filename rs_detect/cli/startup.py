@@ -5,9 +5,8 @@
   and the collector would walk them all several times over (0.2 s of a run's start).
 * :class:`InBackground`: one call in a thread of its own while the main thread goes on (the engine
   loads and warms up while the command imports what writes its output).
-* :func:`start_cuda_early`: the CUDA driver and the GPU's primary context started, and cuDNN's parts
-  loaded, in a thread of their own while torch imports, when the command line asks ``detect`` for a
-  CUDA device (the driver call gives up Python's lock; torch finds the context made and uses it).
+* :func:`start_cuda_early`: the CUDA driver and the GPU's primary context started in a thread of
+  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the driver call gives up Python's lock; torch finds the context made and uses it).
 * :func:`leave` once a command has finished, from the console entry point: the exit a finished
   command needs (threads waited for, atexit handlers, streams flushed) without the interpreter's
   teardown of every module and of torch's, ONNX Runtime's and GDAL's C++ state (0.5-0.8 s with
@@ -64,58 +63,18 @@ def cuda_device_asked(argv: Sequence[str]) -> int | None:
     return int(index) if index is not None and index.isdigit() else None
 
 
-#: cuDNN's parts that a convolutional model's first forward pass loads (libcudnn.so.9 itself loads with
-#: torch; it opens these on first use), in the order they depend on one another
-CUDNN_PARTS = ("graph", "engines_precompiled", "engines_runtime_compiled", "heuristic", "ops", "cnn")
-
-
-def gpu_libraries(roots: Sequence[str] | None = None) -> list[str]:
-    """The cuDNN parts (:data:`CUDNN_PARTS`) in the NVIDIA wheels' ``nvidia/*/lib`` folders under
-    ``roots`` (default: where the ``nvidia`` namespace package lies, found without importing it)."""
-    import glob
-    import importlib.util
-
-    if roots is None:
-        try:
-            spec = importlib.util.find_spec("nvidia")
-        except (ImportError, ValueError):
-            spec = None
-        roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    found = []
-    for part in CUDNN_PARTS:
-        for root in roots:
-            hits = sorted(glob.glob(os.path.join(root, "*", "lib", f"libcudnn_{part}.so*")))
-            if hits:
-                found.append(hits[0])
-                break
-    return found
-
-
-def load_libraries(paths: Sequence[str]) -> int:
-    """``dlopen`` each of ``paths`` (resolving its symbols now) with Python's lock given up, which
-    ``ctypes.CDLL`` keeps while it loads: the main thread imports on meanwhile. A library that fails
-    to load is left to whoever needs it to report. Returns how many loaded."""
-    try:
-        libc = ctypes.CDLL(None)
-        dlopen = libc.dlopen
-    except (OSError, AttributeError):
-        return 0
-    dlopen.argtypes, dlopen.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
-    mode = os.RTLD_NOW | os.RTLD_LOCAL
-    return sum(1 for path in paths if dlopen(os.fsencode(path), mode))
-
-
 def start_cuda_early(argv: Sequence[str]) -> threading.Thread | None:
     """Initialise the CUDA driver and retain device N's primary context in a daemon thread, when
-    ``argv`` asks ``detect`` for ``--device cuda[:N]``; then load cuDNN's parts (:func:`gpu_libraries`).
+    ``argv`` asks ``detect`` for ``--device cuda[:N]``.
 
     The driver's start takes a few hundred milliseconds, and holds no Python lock, so it runs while
     the main thread imports torch; torch's own CUDA start then finds the context (the runtime uses the
-    primary context) instead of creating it. cuDNN opens its parts (hundreds of megabytes) during the
-    model's first forward pass, in the warm-up; loaded here, they are found loaded. Where the driver
-    is missing or fails nothing happens here, and torch reports the problem as it always does. The
-    context stays retained for the process. ``RS_DETECT_EARLY_CUDA``: ``0`` turns this off,
-    ``context`` starts the driver and the context only.
+    primary context) instead of creating it. Where the driver is missing or fails nothing happens
+    here, and torch reports the problem as it always does. The context stays retained for the
+    process. ``RS_DETECT_EARLY_CUDA=0`` turns this off.
+
+    Loading cuDNN's parts here as well was tried and taken out: on an H100 they loaded in 23 ms, and
+    the warm-up's first forward pass took as long with them loaded (0.47 s against 0.49 s).
     """
     index = cuda_device_asked(argv)
     how = os.environ.get("RS_DETECT_EARLY_CUDA", "1").strip().lower()
@@ -132,8 +91,6 @@ def start_cuda_early(argv: Sequence[str]) -> threading.Thread | None:
                 lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
         except (OSError, AttributeError):  # no driver here: torch says so later, in its own words
             return
-        if how != "context":
-            load_libraries(gpu_libraries())
 
     thread = threading.Thread(target=init, name="rs-cuda-init", daemon=True)
     thread.start()
