@@ -6,7 +6,8 @@
 * :class:`InBackground`: one call in a thread of its own while the main thread goes on (the engine
   loads and warms up while the command imports what writes its output).
 * :func:`start_cuda_early`: the CUDA driver and the GPU's primary context started in a thread of
-  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the driver call gives up Python's lock; torch finds the context made and uses it).
+  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the
+  driver call gives up Python's lock; torch finds the context made and uses it).
 * :func:`leave` once a command has finished, from the console entry point: the exit a finished
   command needs (threads waited for, atexit handlers, streams flushed) without the interpreter's
   teardown of every module and of torch's, ONNX Runtime's and GDAL's C++ state (0.5-0.8 s with
