@@ -44,6 +44,7 @@ from rs_detect.dtypes import torch_dtype
 from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder, block_layout,
                                       inflater_name, nvcomp_available, undo_predictor, undo_predictor_host)
 from rs_detect.io.prefetch import window_batches
+from rs_detect.io.stretch import add_counts
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
 __all__ = ["BlockFile", "BlockLayout", "BlockSampler", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "ScenePath", "block_layout",
@@ -307,9 +308,9 @@ class BlockSampler:
     :meth:`plan` puts up to ``SAMPLE_JOB_WINDOWS`` windows of one grid row in a job. On an H100 host,
     64 jobs of one window each, run by 14 threads, took 3-13 ms each (about 1.5 ms alone) and ran
     until 52 ms, with the first group's inflate jobs queued behind them: fewer, larger jobs mean
-    fewer hand-offs, file opens and allocations. The windows of a job are summarised together,
-    which gives the stretch that a job per window gives (counts add up; percentiles of values do not
-    depend on their order).
+    fewer hand-offs and file opens. Each window is summarised as it is read and the job's summaries
+    are added up, which gives the stretch that a job per window gives (counts add up; percentiles of
+    values do not depend on their order).
 
     Called by many reader threads at once: each call opens the file on its own (a :class:`BlockFile`
     reads gaps and checksums into a scratch buffer it keeps, which threads must not share)."""
@@ -339,11 +340,15 @@ class BlockSampler:
             # from the overviews, or decimates; one job, so one handle in one thread
             return self.src.sample_summary(job)
         file = BlockFile(self.layout)
+        total: Summary | None = None
         try:
-            windows = [self.window(file, y, h, x, w) for x, w in cols]
+            for x, w in cols:  # each window summarised as it is read: one window's pixels in memory at a time
+                part = self.src.summarize(self.window(file, y, h, x, w))
+                total = part if total is None else _add_summaries(total, part)
         finally:
             file.close()
-        return self.src.summarize(windows[0] if len(windows) == 1 else np.concatenate(windows, axis=2))
+        assert total is not None
+        return total
 
     def window(self, file: BlockFile, y: int, h: int, x: int, w: int) -> np.ndarray:
         """Scene pixels [y, y + h) x [x, x + w) as [plan bands, h, w] in the file's dtype: one read of the
@@ -372,6 +377,14 @@ class BlockSampler:
         out = np.empty((blocks.stop - blocks.start, L.block_bytes), dtype=np.uint8)
         file.read_inflated(blocks, self._inflate, buf, out)
         return out
+
+
+def _add_summaries(a: Summary, b: Summary) -> Summary:
+    """Two sample summaries of one scene as one: counts added, values put together."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return add_counts([a, b])
+    assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+    return np.concatenate([a, b])
 
 
 class ScenePath(NamedTuple):
