@@ -6,8 +6,8 @@
 * :class:`InBackground`: one call in a thread of its own while the main thread goes on (the engine
   loads and warms up while the command imports what writes its output).
 * :func:`start_cuda_early`: the CUDA driver and the GPU's primary context started in a thread of
-  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the
-  driver call gives up Python's lock; torch finds the context made and uses it).
+  their own while torch imports, when the command line asks ``detect`` for a CUDA device (the driver
+  call gives up Python's lock; torch finds the context made and uses it).
 * :func:`leave` once a command has finished, from the console entry point: the exit a finished
   command needs (threads waited for, atexit handlers, streams flushed) without the interpreter's
   teardown of every module and of torch's, ONNX Runtime's and GDAL's C++ state (0.5-0.8 s with
@@ -66,20 +66,17 @@ def cuda_device_asked(argv: Sequence[str]) -> int | None:
 
 def start_cuda_early(argv: Sequence[str]) -> threading.Thread | None:
     """Initialise the CUDA driver and retain device N's primary context in a daemon thread, when
-    ``argv`` asks ``detect`` for ``--device cuda[:N]``.
+    ``argv`` asks ``detect`` for ``--device cuda[:N]`` (``RS_DETECT_EARLY_CUDA=0`` turns it off).
 
-    The driver's start takes a few hundred milliseconds, and holds no Python lock, so it runs while
+    That takes a few hundred milliseconds in the driver, which holds no Python lock, so it runs while
     the main thread imports torch; torch's own CUDA start then finds the context (the runtime uses the
-    primary context) instead of creating it. Where the driver is missing or fails nothing happens
-    here, and torch reports the problem as it always does. The context stays retained for the
-    process. ``RS_DETECT_EARLY_CUDA=0`` turns this off.
-
-    Loading cuDNN's parts here as well was tried and taken out: on an H100 they loaded in 23 ms, and
-    the warm-up's first forward pass took as long with them loaded (0.47 s against 0.49 s).
+    primary context) instead of creating it. Where the driver is missing or fails nothing happens here,
+    and torch reports the problem as it always does. The context stays retained for the process.
+    cuDNN's libraries are left to the warm-up: on an H100 they loaded in 23 ms, and the first forward
+    pass took as long with them loaded first (0.47 s against 0.49 s).
     """
     index = cuda_device_asked(argv)
-    how = os.environ.get("RS_DETECT_EARLY_CUDA", "1").strip().lower()
-    if index is None or how in ("0", "false", "no", "off"):
+    if index is None or os.environ.get("RS_DETECT_EARLY_CUDA", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
 
     def init() -> None:
@@ -91,7 +88,7 @@ def start_cuda_early(argv: Sequence[str]) -> threading.Thread | None:
             if lib.cuDeviceGet(ctypes.byref(dev), index) == 0:
                 lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
         except (OSError, AttributeError):  # no driver here: torch says so later, in its own words
-            return
+            pass
 
     thread = threading.Thread(target=init, name="rs-cuda-init", daemon=True)
     thread.start()
