@@ -44,7 +44,7 @@ from rs_detect.dtypes import torch_dtype
 from rs_detect.io.tiff_blocks import (BlockDecoder, BlockFile, BlockLayout, HostInflater, InflateDecoder, NvcompDecoder, block_layout,
                                       inflater_name, nvcomp_available, undo_predictor, undo_predictor_host)
 from rs_detect.io.prefetch import window_batches
-from rs_detect.io.stretch import add_counts
+from rs_detect.io.stretch import add_summaries
 from rs_detect.types import RawBatch, SkippedTile, Tile
 
 __all__ = ["BlockFile", "BlockLayout", "BlockSampler", "GpuBlockReader", "InflateDecoder", "NvcompDecoder", "ScenePath", "block_layout",
@@ -344,7 +344,7 @@ class BlockSampler:
         try:
             for x, w in cols:  # each window summarised as it is read: one window's pixels in memory at a time
                 part = self.src.summarize(self.window(file, y, h, x, w))
-                total = part if total is None else _add_summaries(total, part)
+                total = part if total is None else add_summaries([total, part])
         finally:
             file.close()
         assert total is not None
@@ -377,14 +377,6 @@ class BlockSampler:
         out = np.empty((blocks.stop - blocks.start, L.block_bytes), dtype=np.uint8)
         file.read_inflated(blocks, self._inflate, buf, out)
         return out
-
-
-def _add_summaries(a: Summary, b: Summary) -> Summary:
-    """Two sample summaries of one scene as one: counts added, values put together."""
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return add_counts([a, b])
-    assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
-    return np.concatenate([a, b])
 
 
 class ScenePath(NamedTuple):

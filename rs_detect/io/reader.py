@@ -32,7 +32,7 @@ from rs_detect.errors import one_line as _one_line
 from rs_detect.gdal_messages import route_this_thread
 from rs_detect.io.location import scene_path
 from rs_detect.io.bands import LUMA, BandPlan, Combine, plan_bands
-from rs_detect.io.stretch import add_counts, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
+from rs_detect.io.stretch import add_counts, add_summaries, percentile_stretch, percentiles, percentiles_from_counts, stretch_bounds, value_counts
 from rs_detect.memory import mapped_array
 from rs_detect.types import ScaleConfig, ScaleInfo
 
@@ -196,14 +196,12 @@ class RasterSource:
             return ScaleInfo("divide", 0.0, 255.0)
         if parts is None:
             parts = [self.sample_summary(job) for job in self.sample_plan()]
-        counted = [p for p in parts if isinstance(p, tuple)]
-        if not counted:
-            sample = np.concatenate([p for p in parts if not isinstance(p, tuple)])
-            if sample.size == 0:
+        total = add_summaries(parts)
+        if not isinstance(total, tuple):
+            if total.size == 0:
                 return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
-            return ScaleInfo("percentile", *percentile_stretch(sample, cfg.percentiles), cfg.percentiles)
-        assert len(counted) == len(parts)
-        base, counts = add_counts(counted)
+            return ScaleInfo("percentile", *percentile_stretch(total, cfg.percentiles), cfg.percentiles)
+        base, counts = total
         if not counts.any():
             return ScaleInfo("percentile", 0.0, 1.0, cfg.percentiles)
         return ScaleInfo("percentile", *stretch_bounds(percentiles_from_counts(base, counts, self.dtype, cfg.percentiles)), cfg.percentiles)

@@ -66,6 +66,16 @@ def add_counts(parts: list[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
     return parts[0][0], total
 
 
+def add_summaries(parts: list[np.ndarray | tuple[int, np.ndarray]]) -> np.ndarray | tuple[int, np.ndarray]:
+    """Sample summaries of one scene as one: counts (:func:`value_counts`) added up, or the values
+    themselves put together (percentiles do not depend on their order)."""
+    counted = [p for p in parts if isinstance(p, tuple)]
+    if not counted:
+        return np.concatenate(parts)  # type: ignore[arg-type]
+    assert len(counted) == len(parts)
+    return add_counts(counted)
+
+
 def percentile_stretch(sample: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
     """(low, high) of a percentile stretch of ``sample``; a flat sample gets high = low + 1."""
     return stretch_bounds(percentiles(sample, qs))
