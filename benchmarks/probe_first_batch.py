@@ -9,6 +9,10 @@ compressed-byte buffers kept for the thread or new to each scene (as before); Py
 interval at 0.5 ms instead of 5 ms; the pool's CPUs kept busy just before (clock ramp-up); the first
 group's jobs queued ahead of the sample's instead of behind them (later groups behind both). The scene
 must be one the block reader takes (tiled, no mask: ``gpu_read_plan``), wider than 2048 px.
+
+Before the ways, how long the sample holds the GIL in one thread: a watcher thread asks for the GIL
+every 50 us (switch interval 1 us, so Python code hands it over at once); what it waits beyond its
+own sleep is time the sample's thread held the GIL in calls that do not release it.
 """
 from __future__ import annotations
 
@@ -62,6 +66,12 @@ def main() -> int:
     for job in src.sample_plan():
         sampler(job)
     print(f"the sample in one thread, a job per window: {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
+    idle = gil_waits(lambda: time.sleep(0.1))[1]
+    for _ in range(3):
+        wall, waits = gil_waits(lambda: [sampler(job) for job in src.sample_plan()])
+        held = np.clip(waits - np.median(idle), 0, None)
+        print(f"  watched: {wall * 1e3:.1f} ms, the GIL held against the watcher {held.sum() * 1e3:.1f} ms"
+              f" (longest wait {waits.max() * 1e3:.2f} ms; idle {np.median(idle) * 1e6:.0f} us a wait)", flush=True)
 
     def busy(_: int) -> None:
         t = time.perf_counter()
@@ -106,6 +116,32 @@ def main() -> int:
         a = np.array(v)
         print(f"{name:<52} {np.median(a[:, 0]):12.1f} {np.median(a[:, 1]):13.1f}   {a[:, 1].min():.1f}..{a[:, 1].max():.1f}")
     return 0
+
+
+def gil_waits(fn) -> tuple[float, np.ndarray]:
+    """``fn``'s wall time, and each wait of a watcher thread that sleeps 50 us and asks for the GIL again."""
+    stop, waits = threading.Event(), []
+
+    def watch() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            time.sleep(0.00005)
+            waits.append(time.perf_counter() - t)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.01)
+    try:
+        t = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t
+    finally:
+        stop.set()
+        watcher.join()
+        sys.setswitchinterval(old)
+    return wall, np.array(waits)
 
 
 if __name__ == "__main__":
