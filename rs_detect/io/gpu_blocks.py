@@ -340,15 +340,11 @@ class BlockSampler:
             # from the overviews, or decimates; one job, so one handle in one thread
             return self.src.sample_summary(job)
         file = BlockFile(self.layout)
-        total: Summary | None = None
-        try:
-            for x, w in cols:  # each window summarised as it is read: one window's pixels in memory at a time
-                part = self.src.summarize(self.window(file, y, h, x, w))
-                total = part if total is None else add_summaries([total, part])
+        try:  # each window summarised as it is read: one window's pixels in memory at a time
+            parts = [self.src.summarize(self.window(file, y, h, x, w)) for x, w in cols]
         finally:
             file.close()
-        assert total is not None
-        return total
+        return add_summaries(parts)
 
     def window(self, file: BlockFile, y: int, h: int, x: int, w: int) -> np.ndarray:
         """Scene pixels [y, y + h) x [x, x + w) as [plan bands, h, w] in the file's dtype: one read of the
